@@ -1,0 +1,8 @@
+//! Types shared by the kernel programs and the agent: map keys and values (`#[repr(C)]`, no
+//! padding left implicit) and the pure classifier that decides where an HTTP message starts.
+#![no_std]
+
+pub mod http;
+pub mod maps;
+
+pub use maps::*;

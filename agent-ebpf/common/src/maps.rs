@@ -1,0 +1,106 @@
+//! The layout of every map the kernel programs and the agent both touch.
+
+/// How many services one agent can watch at once: the size of the per-service counter array.
+pub const MAX_SERVICES: u32 = 1024;
+/// How many watched endpoints (address, port) one agent can hold.
+pub const MAX_ENDPOINTS: u32 = 16384;
+/// How many tracked TCP connections (by 4-tuple) the kernel keeps state for (LRU).
+pub const MAX_CONNECTIONS: u32 = 262_144;
+
+/// A local endpoint a service listens on. IPv4 addresses are stored IPv4-mapped
+/// (`::ffff:a.b.c.d`); the all-zero address with a port matches any local address on that port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// IPv6 address (or IPv4-mapped), network byte order.
+    pub addr: [u8; 16],
+    /// Port, host byte order.
+    pub port: u16,
+    /// Explicit padding so the key has no uninitialised bytes.
+    pub _pad: u16,
+}
+
+impl EndpointKey {
+    pub const fn new(addr: [u8; 16], port: u16) -> Self {
+        Self { addr, port, _pad: 0 }
+    }
+
+    /// The IPv4-mapped form of an IPv4 address given as its four octets.
+    pub const fn v4(octets: [u8; 4], port: u16) -> Self {
+        let [a, b, c, d] = octets;
+        Self::new([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d], port)
+    }
+
+    /// The key that matches every local address on `port`.
+    pub const fn any(port: u16) -> Self {
+        Self::new([0; 16], port)
+    }
+}
+
+/// A TCP connection as seen from the server's side: local endpoint first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+/// What the kernel remembers of one HTTP connection between segments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    /// Start (bpf_ktime_get_ns) of the oldest request still open, 0 when none is.
+    pub request_start_ns: u64,
+    /// TCP sequence number of the segment that started the last request, so a retransmitted
+    /// first segment does not count twice.
+    pub last_request_seq: u32,
+    /// The same for the last response's first segment.
+    pub last_response_seq: u32,
+    /// Requests started and not yet answered.
+    pub open_requests: u32,
+    /// Requests and responses seen on this connection (wrapping): tell a first segment from a
+    /// retransmission when the sequence number happens to be 0.
+    pub requests_seen: u32,
+    pub responses_seen: u32,
+    /// The service this connection's local endpoint belongs to.
+    pub service_id: u32,
+}
+
+/// Cumulative per-service counters, one copy per CPU; the agent sums the copies. Counters only
+/// grow (like Prometheus counters), so a lost report loses nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// HTTP requests started (first segment of a request seen on ingress).
+    pub requests: u64,
+    /// Final HTTP responses started (status line seen on egress; 1xx excluded).
+    pub responses: u64,
+    /// Σ sign over request starts (+1) and ends (−1): the in-flight count.
+    pub inflight_sign_sum: i64,
+    /// Σ sign·t (ns) over the same events; with `inflight_sign_sum` it gives the time integral of
+    /// in-flight requests: A(T) = T·C − S.
+    pub inflight_time_sum: i64,
+    /// Sum of request latencies (first request byte in → first response byte out), ns.
+    pub latency_sum_ns: u64,
+    /// Latency histogram: bucket i counts latencies in [2^i, 2^(i+1)) microseconds.
+    pub latency_log2_us: [u64; LATENCY_BUCKETS],
+    /// TCP payload bytes received by the service.
+    pub rx_bytes: u64,
+    /// TCP payload bytes sent by the service.
+    pub tx_bytes: u64,
+}
+
+/// Number of log2 latency buckets: 2^0 µs up to 2^31 µs (about 36 minutes).
+pub const LATENCY_BUCKETS: usize = 32;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], made only of integers and arrays of integers, with all
+    // padding explicit, so any bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::ConnState {}
+    unsafe impl aya::Pod for super::ServiceCounters {}
+}

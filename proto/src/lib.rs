@@ -1,0 +1,6 @@
+//! Surge's wire protocols. `surge.v1` is the first stable version; fields are only ever added,
+//! never renumbered.
+
+pub mod v1 {
+    tonic::include_proto!("surge.v1");
+}

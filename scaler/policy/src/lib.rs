@@ -1,0 +1,1 @@
+//! Surge's policy core (see the crate description).
