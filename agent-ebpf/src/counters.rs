@@ -5,7 +5,7 @@
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
-use surge_common::{ServiceCounters, LATENCY_BUCKETS};
+use surge_common::{latency, ServiceCounters};
 
 #[inline(always)]
 pub fn add_u64(field: &mut u64, v: u64) {
@@ -19,11 +19,11 @@ pub fn add_i64(field: &mut i64, v: i64) {
     unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(field, v) };
 }
 
-/// Counts one latency into its log2-of-microseconds bucket.
+/// Counts one latency into its bucket.
 #[inline(always)]
 pub fn record_latency(c: &mut ServiceCounters, latency_ns: u64) {
-    let us = latency_ns / 1000;
-    let bucket = if us == 0 { 0 } else { 63 - us.leading_zeros() as usize };
-    let bucket = if bucket >= LATENCY_BUCKETS { LATENCY_BUCKETS - 1 } else { bucket };
-    add_u64(&mut c.latency_log2_us[bucket], 1);
+    let bucket = latency::bucket_of(latency_ns / 1000);
+    if let Some(slot) = c.latency_buckets.get_mut(bucket) {
+        add_u64(slot, 1);
+    }
 }

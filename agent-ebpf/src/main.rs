@@ -18,8 +18,7 @@ use aya_ebpf::{
 };
 use surge_common::{
     http::{classify, SegmentStart, PREFIX_LEN},
-    ConnKey, ConnState, EndpointKey, ServiceCounters, MAX_CONNECTIONS, MAX_ENDPOINTS,
-    MAX_SERVICES,
+    ConnKey, ConnState, EndpointKey, ServiceCounters, MAX_CONNECTIONS, MAX_ENDPOINTS, MAX_SERVICES,
 };
 
 use crate::packet::{Direction, Segment};
@@ -68,8 +67,7 @@ fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
             Direction::Ingress => counters::add_u64(&mut counters.rx_bytes, seg.payload_len as u64),
             Direction::Egress => counters::add_u64(&mut counters.tx_bytes, seg.payload_len as u64),
         }
-        let mut prefix = [0u8; PREFIX_LEN];
-        let len = ctx.load_bytes(seg.payload_offset, &mut prefix).map_err(|e| e as i64)?;
+        let (prefix, len) = load_prefix(ctx, &seg)?;
         match (dir, classify(&prefix, len)) {
             (Direction::Ingress, SegmentStart::Request) => on_request(&seg, service_id, counters),
             (Direction::Egress, SegmentStart::FinalResponse) => on_response(&seg, counters),
@@ -82,6 +80,24 @@ fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
         on_close(&seg, counters);
     }
     Ok(())
+}
+
+/// Copies the start of the payload with constant-size loads, which the verifier can check: 16
+/// bytes, or 12 of a shorter payload (enough for a status line, or the longest method and the
+/// first byte of its target). Shorter payloads cannot start a message and are not read.
+#[inline(always)]
+fn load_prefix(ctx: &SkBuffContext, seg: &Segment) -> Result<([u8; PREFIX_LEN], usize), i64> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    if seg.payload_len >= PREFIX_LEN {
+        prefix = ctx.load(seg.payload_offset).map_err(|e| e as i64)?;
+        Ok((prefix, PREFIX_LEN))
+    } else if seg.payload_len >= 12 {
+        let head: [u8; 12] = ctx.load(seg.payload_offset).map_err(|e| e as i64)?;
+        prefix[..12].copy_from_slice(&head);
+        Ok((prefix, 12))
+    } else {
+        Ok((prefix, 0))
+    }
 }
 
 #[inline(always)]

@@ -1,1 +1,11 @@
+//! surge-agent: measures per-service traffic in the kernel and streams it to the scaler.
 
+pub mod attribution;
+pub mod backoff;
+pub mod clock;
+pub mod config;
+pub mod kernel;
+pub mod link;
+pub mod node;
+pub mod preflight;
+pub mod report;

@@ -1,1 +1,12 @@
+//! surge-scaler: merges the agents' streams, applies policies, serves metrics and APIs.
 
+pub mod catalog;
+pub mod clock;
+pub mod config;
+pub mod grpc;
+pub mod http;
+pub mod ingest;
+pub mod latency;
+pub mod metrics;
+pub mod state;
+pub mod view;

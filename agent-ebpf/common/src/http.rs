@@ -37,7 +37,15 @@ fn starts_with(p: &[u8; PREFIX_LEN], len: usize, pat: &[u8]) -> bool {
 
 /// The request methods of RFC 9110 plus PATCH, each with its trailing space.
 const METHODS: [&[u8]; 9] = [
-    b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"PATCH ", b"OPTIONS ", b"CONNECT ", b"TRACE ",
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"HEAD ",
+    b"DELETE ",
+    b"PATCH ",
+    b"OPTIONS ",
+    b"CONNECT ",
+    b"TRACE ",
 ];
 
 /// Length of the method (with its trailing space) that `p` starts with, if any.
@@ -119,10 +127,22 @@ mod tests {
 
     #[test]
     fn status_lines_are_classified_by_code() {
-        assert_eq!(classify_bytes(b"HTTP/1.1 200 OK\r\n"), SegmentStart::FinalResponse);
-        assert_eq!(classify_bytes(b"HTTP/1.0 503 Unavailable"), SegmentStart::FinalResponse);
-        assert_eq!(classify_bytes(b"HTTP/1.1 100 Continue"), SegmentStart::InterimResponse);
-        assert_eq!(classify_bytes(b"HTTP/1.1 101 Switching"), SegmentStart::FinalResponse);
+        assert_eq!(
+            classify_bytes(b"HTTP/1.1 200 OK\r\n"),
+            SegmentStart::FinalResponse
+        );
+        assert_eq!(
+            classify_bytes(b"HTTP/1.0 503 Unavailable"),
+            SegmentStart::FinalResponse
+        );
+        assert_eq!(
+            classify_bytes(b"HTTP/1.1 100 Continue"),
+            SegmentStart::InterimResponse
+        );
+        assert_eq!(
+            classify_bytes(b"HTTP/1.1 101 Switching"),
+            SegmentStart::FinalResponse
+        );
         assert_eq!(classify_bytes(b"HTTP/1.1 600 Nope"), SegmentStart::Other);
         assert_eq!(classify_bytes(b"HTTP/1.1 2x0 OK"), SegmentStart::Other);
     }

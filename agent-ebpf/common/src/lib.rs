@@ -3,6 +3,7 @@
 #![no_std]
 
 pub mod http;
+pub mod latency;
 pub mod maps;
 
 pub use maps::*;

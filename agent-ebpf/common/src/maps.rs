@@ -1,7 +1,9 @@
 //! The layout of every map the kernel programs and the agent both touch.
 
+use crate::latency::LATENCY_BUCKETS;
+
 /// How many services one agent can watch at once: the size of the per-service counter array.
-pub const MAX_SERVICES: u32 = 1024;
+pub const MAX_SERVICES: u32 = 256;
 /// How many watched endpoints (address, port) one agent can hold.
 pub const MAX_ENDPOINTS: u32 = 16384;
 /// How many tracked TCP connections (by 4-tuple) the kernel keeps state for (LRU).
@@ -71,7 +73,7 @@ pub struct ConnState {
 /// Cumulative per-service counters, one copy per CPU; the agent sums the copies. Counters only
 /// grow (like Prometheus counters), so a lost report loses nothing.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceCounters {
     /// HTTP requests started (first segment of a request seen on ingress).
     pub requests: u64,
@@ -84,16 +86,13 @@ pub struct ServiceCounters {
     pub inflight_time_sum: i64,
     /// Sum of request latencies (first request byte in → first response byte out), ns.
     pub latency_sum_ns: u64,
-    /// Latency histogram: bucket i counts latencies in [2^i, 2^(i+1)) microseconds.
-    pub latency_log2_us: [u64; LATENCY_BUCKETS],
+    /// Latency histogram in the buckets of [`crate::latency`].
+    pub latency_buckets: [u64; LATENCY_BUCKETS],
     /// TCP payload bytes received by the service.
     pub rx_bytes: u64,
     /// TCP payload bytes sent by the service.
     pub tx_bytes: u64,
 }
-
-/// Number of log2 latency buckets: 2^0 µs up to 2^31 µs (about 36 minutes).
-pub const LATENCY_BUCKETS: usize = 32;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -103,4 +102,19 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::ConnState {}
     unsafe impl aya::Pod for super::ServiceCounters {}
+}
+
+impl Default for ServiceCounters {
+    fn default() -> Self {
+        Self {
+            requests: 0,
+            responses: 0,
+            inflight_sign_sum: 0,
+            inflight_time_sum: 0,
+            latency_sum_ns: 0,
+            latency_buckets: [0; LATENCY_BUCKETS],
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
 }

@@ -1,0 +1,233 @@
+//! The agent's settings: command-line flags, an optional YAML file, their validation.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// The shortest and longest report intervals the agent accepts.
+pub const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+pub const MAX_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("{field} = {value}, must be between {min} and {max}")]
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        min: String,
+        max: String,
+    },
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("{field} = {value:?}: {message}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+/// Command-line flags. Every flag can also come from the environment (SURGE_AGENT_*).
+#[derive(Debug, Parser)]
+#[command(
+    name = "surge-agent",
+    version,
+    about = "Surge's node agent: measures per-service traffic with eBPF and streams it to the scaler"
+)]
+pub struct Args {
+    /// YAML file with any of: scaler, node, report_interval. Flags override it.
+    #[arg(long, env = "SURGE_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The scaler's gRPC address [default: http://127.0.0.1:50051].
+    #[arg(long, env = "SURGE_SCALER")]
+    pub scaler: Option<String>,
+    /// This node's name [default: NODE_NAME, else the host name].
+    #[arg(long, env = "NODE_NAME")]
+    pub node: Option<String>,
+    /// How often counters are read and sent, 100ms to 60s [default: 1s].
+    #[arg(long, env = "SURGE_REPORT_INTERVAL", value_parser = parse_duration)]
+    pub report_interval: Option<Duration>,
+    /// The cgroup v2 directory the programs attach to [default: the cgroup2 mount in /proc/mounts].
+    #[arg(long, env = "SURGE_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// The kernel's BTF.
+    #[arg(long, env = "SURGE_BTF", default_value = "/sys/kernel/btf/vmlinux")]
+    pub btf: PathBuf,
+    /// Where tracefs is mounted if it is not mounted yet.
+    #[arg(long, env = "SURGE_TRACEFS", default_value = "/sys/kernel/tracing")]
+    pub tracefs: PathBuf,
+    /// The mount table to read (for tests).
+    #[arg(long, default_value = "/proc/mounts", hide = true)]
+    pub mounts_file: PathBuf,
+}
+
+/// The optional YAML file; unknown keys are errors so a typo never passes silently.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    scaler: Option<String>,
+    node: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    report_interval: Option<Duration>,
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| {
+            humantime::parse_duration(&s).map_err(|e| {
+                serde::de::Error::custom(format!("report_interval = {s:?}: {e} (examples: 500ms, 1s, 2m)"))
+            })
+        })
+        .transpose()
+    }
+}
+
+/// The settings the agent runs with, after merging and validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub scaler: String,
+    pub node: String,
+    pub report_interval: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 1s, 2m)"))
+}
+
+impl Settings {
+    /// Merges the file (if any) under the flags and validates the result.
+    pub fn resolve(args: &Args, file_text: Option<&str>, default_node: &str) -> Result<Self, ConfigError> {
+        let file = match (file_text, &args.config) {
+            (Some(text), path) => {
+                serde_yaml::from_str::<FileConfig>(text).map_err(|e| ConfigError::File {
+                    path: path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                    message: e.to_string(),
+                })?
+            }
+            (None, _) => FileConfig::default(),
+        };
+        let scaler = args
+            .scaler
+            .clone()
+            .or(file.scaler)
+            .unwrap_or_else(|| "http://127.0.0.1:50051".to_string());
+        if !(scaler.starts_with("http://") || scaler.starts_with("https://")) {
+            return Err(ConfigError::Invalid {
+                field: "scaler",
+                value: scaler,
+                message: "must be a URL starting with http:// or https://".into(),
+            });
+        }
+        let node = args
+            .node
+            .clone()
+            .or(file.node)
+            .unwrap_or_else(|| default_node.to_string());
+        if node.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "node",
+                value: node,
+                message: "must not be empty".into(),
+            });
+        }
+        let report_interval = args
+            .report_interval
+            .or(file.report_interval)
+            .unwrap_or(Duration::from_secs(1));
+        if !(MIN_REPORT_INTERVAL..=MAX_REPORT_INTERVAL).contains(&report_interval) {
+            return Err(ConfigError::OutOfRange {
+                field: "report-interval",
+                value: humantime::format_duration(report_interval).to_string(),
+                min: "100ms".into(),
+                max: "60s".into(),
+            });
+        }
+        Ok(Self {
+            scaler,
+            node,
+            report_interval,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["surge-agent"];
+        v.extend_from_slice(extra);
+        Args::parse_from(v)
+    }
+
+    #[test]
+    fn defaults_apply_without_file_or_flags() {
+        let s = Settings::resolve(&args(&[]), None, "node-a").expect("valid");
+        assert_eq!(s.scaler, "http://127.0.0.1:50051");
+        assert_eq!(s.node, "node-a");
+        assert_eq!(s.report_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = "scaler: http://10.0.0.1:1\nnode: from-file\nreport_interval: 250ms\n";
+        let s = Settings::resolve(&args(&["--node", "from-flag"]), Some(file), "h").expect("valid");
+        assert_eq!(s.node, "from-flag");
+        assert_eq!(s.scaler, "http://10.0.0.1:1");
+        assert_eq!(s.report_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn interval_out_of_range_names_the_field_and_range() {
+        let err = Settings::resolve(&args(&["--report-interval", "50ms"]), None, "h").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "report-interval = 50ms, must be between 100ms and 60s"
+        );
+    }
+
+    #[test]
+    fn unknown_file_key_names_the_key() {
+        let err = Settings::resolve(
+            &args(&["--config", "a.yaml"]),
+            Some("report_intervall: 1s\n"),
+            "h",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("config file a.yaml: unknown field `report_intervall`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_duration_in_file_names_the_field() {
+        let err = Settings::resolve(
+            &args(&["--config", "a.yaml"]),
+            Some("report_interval: soon\n"),
+            "h",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("config file a.yaml: report_interval = \"soon\": expected number at 0 (examples: 500ms, 1s, 2m)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn scaler_must_be_a_url() {
+        let err = Settings::resolve(&args(&["--scaler", "localhost:50051"]), None, "h").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "scaler = \"localhost:50051\": must be a URL starting with http:// or https://"
+        );
+    }
+}

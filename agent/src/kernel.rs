@@ -1,0 +1,170 @@
+//! The kernel side, seen from userspace: loads the embedded eBPF object, attaches the programs to
+//! the cgroup v2 root, and reads and writes the maps. Every call is a short syscall; callers on
+//! the async runtime go through `spawn_blocking`.
+
+use std::{fs::File, path::Path};
+
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
+    Btf, Ebpf, EbpfLoader,
+};
+use surge_common::{EndpointKey, ServiceCounters};
+
+/// The object built from `agent-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/surge.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot read the kernel BTF at {path}: {source}")]
+    Btf { path: String, source: aya::BtfError },
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name} is missing from the object")]
+    MissingProgram { name: &'static str },
+    #[error("eBPF map {name} is missing from the object")]
+    MissingMap { name: &'static str },
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot open the cgroup {path}: {source}")]
+    Cgroup { path: String, source: std::io::Error },
+}
+
+/// The loaded and attached programs and the maps the agent uses. Dropping it detaches all.
+pub struct KernelProbe {
+    // Keeps the programs and their links alive.
+    _ebpf: Ebpf,
+    watched: HashMap<MapData, EndpointKey, u32>,
+    counters: PerCpuArray<MapData, ServiceCounters>,
+}
+
+const PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    ("surge_skb_ingress", CgroupSkbAttachType::Ingress),
+    ("surge_skb_egress", CgroupSkbAttachType::Egress),
+];
+
+impl KernelProbe {
+    /// Loads the object with the kernel's BTF and attaches the cgroup_skb programs to
+    /// `cgroup_root`, beside any other programs already there.
+    pub fn load(btf_path: &Path, cgroup_root: &Path) -> Result<Self, KernelError> {
+        let btf = Btf::parse_file(btf_path, Default::default()).map_err(|source| KernelError::Btf {
+            path: btf_path.display().to_string(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new().btf(Some(&btf)).load(EBPF_OBJECT)?;
+        let cgroup = File::open(cgroup_root).map_err(|source| KernelError::Cgroup {
+            path: cgroup_root.display().to_string(),
+            source,
+        })?;
+        for (name, attach_type) in PROGRAMS {
+            let program: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| KernelError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| KernelError::Program { name, source })?;
+            // aya attaches with a bpf_link (kernel ≥ 5.7), which the kernel requires to have no
+            // flags and which always coexists with other programs on the cgroup: `Single` is
+            // "no flags" there, not exclusivity.
+            program
+                .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+                .map_err(|source| KernelError::Program { name, source })?;
+        }
+        let watched = take_map(&mut ebpf, "WATCHED")?;
+        let counters = take_map(&mut ebpf, "COUNTERS")?;
+        Ok(Self {
+            _ebpf: ebpf,
+            watched,
+            counters,
+        })
+    }
+
+    /// Points an endpoint at a service id.
+    pub fn watch(&mut self, key: EndpointKey, service_id: u32) -> Result<(), KernelError> {
+        self.watched
+            .insert(key, service_id, 0)
+            .map_err(|source| KernelError::Map {
+                name: "WATCHED",
+                source,
+            })
+    }
+
+    /// Stops watching an endpoint.
+    pub fn unwatch(&mut self, key: &EndpointKey) -> Result<(), KernelError> {
+        match self.watched.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(KernelError::Map {
+                name: "WATCHED",
+                source,
+            }),
+        }
+    }
+
+    /// Zeroes a service's counters on every CPU (before its id is given to a new service).
+    pub fn reset(&mut self, service_id: u32) -> Result<(), KernelError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| KernelError::Map {
+            name: "COUNTERS",
+            source: aya::maps::MapError::IoError(e),
+        })?;
+        let zeros =
+            PerCpuValues::try_from(vec![ServiceCounters::default(); cpus]).map_err(|e| KernelError::Map {
+                name: "COUNTERS",
+                source: aya::maps::MapError::IoError(e),
+            })?;
+        self.counters
+            .set(service_id, zeros, 0)
+            .map_err(|source| KernelError::Map {
+                name: "COUNTERS",
+                source,
+            })
+    }
+
+    /// A service's counters summed over all CPUs.
+    pub fn read(&self, service_id: u32) -> Result<ServiceCounters, KernelError> {
+        let per_cpu = self
+            .counters
+            .get(&service_id, 0)
+            .map_err(|source| KernelError::Map {
+                name: "COUNTERS",
+                source,
+            })?;
+        Ok(sum(per_cpu.iter()))
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(KernelError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+/// Adds per-CPU copies. Wrapping: every field is a cumulative counter or a signed sum whose
+/// per-CPU parts may be negative.
+pub fn sum<'a>(copies: impl Iterator<Item = &'a ServiceCounters>) -> ServiceCounters {
+    let mut total = ServiceCounters::default();
+    for c in copies {
+        total.requests = total.requests.wrapping_add(c.requests);
+        total.responses = total.responses.wrapping_add(c.responses);
+        total.inflight_sign_sum = total.inflight_sign_sum.wrapping_add(c.inflight_sign_sum);
+        total.inflight_time_sum = total.inflight_time_sum.wrapping_add(c.inflight_time_sum);
+        total.latency_sum_ns = total.latency_sum_ns.wrapping_add(c.latency_sum_ns);
+        for (t, b) in total.latency_buckets.iter_mut().zip(c.latency_buckets.iter()) {
+            *t = t.wrapping_add(*b);
+        }
+        total.rx_bytes = total.rx_bytes.wrapping_add(c.rx_bytes);
+        total.tx_bytes = total.tx_bytes.wrapping_add(c.tx_bytes);
+    }
+    total
+}

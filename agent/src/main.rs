@@ -1,0 +1,88 @@
+//! The surge-agent binary: settings, preflight checks, the kernel programs, the scaler link.
+
+use std::{
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
+
+use clap::Parser;
+use surge_agent::{
+    clock::SystemClock,
+    config::{Args, Settings},
+    kernel::KernelProbe,
+    link::{self, Instance},
+    node::Node,
+    preflight,
+};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("surge-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let file_text = match &args.config {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let settings = Settings::resolve(&args, file_text.as_deref(), &hostname)?;
+    let env = preflight::check(
+        &args.btf,
+        args.cgroup_root.as_deref(),
+        &args.tracefs,
+        &args.mounts_file,
+    )?;
+    let probe = KernelProbe::load(&env.btf, &env.cgroup_root)?;
+    tracing::info!(cgroup = %env.cgroup_root.display(), node = %settings.node, "eBPF programs attached");
+    let node = Arc::new(Mutex::new(Node::new(probe)));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let instance = Instance::new(settings.node.clone(), rand::random());
+        let link = tokio::spawn(link::run(
+            settings,
+            node,
+            Arc::new(SystemClock),
+            instance,
+            stop_rx,
+        ));
+        shutdown_signal().await;
+        tracing::info!("stopping");
+        let _ = stop_tx.send(true);
+        let _ = link.await;
+    });
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,103 @@
+//! The services the scaler knows: their names and endpoints, and the watch set every agent gets.
+//! A change is published on a watch channel, so each agent stream pushes it at once.
+
+use std::net::SocketAddr;
+
+use serde::Serialize;
+use surge_proto::v1::{Endpoint, WatchSet, WatchedService};
+use tokio::sync::watch;
+
+/// How a service is handled. `Observe`: measured and reported, never scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Observe,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub endpoints: Vec<SocketAddr>,
+    pub mode: Mode,
+}
+
+pub struct Catalog {
+    specs: std::sync::RwLock<Vec<ServiceSpec>>,
+    watch_tx: watch::Sender<WatchSet>,
+}
+
+impl Catalog {
+    pub fn new(specs: Vec<ServiceSpec>) -> Self {
+        let set = watch_set(&specs, 1);
+        let (watch_tx, _) = watch::channel(set);
+        Self {
+            specs: std::sync::RwLock::new(specs),
+            watch_tx,
+        }
+    }
+
+    /// The declared services, in declaration order.
+    pub fn specs(&self) -> Vec<ServiceSpec> {
+        self.specs.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// A receiver that always holds the current watch set.
+    pub fn subscribe(&self) -> watch::Receiver<WatchSet> {
+        self.watch_tx.subscribe()
+    }
+
+    /// Replaces the declared services and publishes the new watch set to every agent.
+    pub fn replace(&self, specs: Vec<ServiceSpec>) {
+        let generation = self.watch_tx.borrow().generation + 1;
+        self.watch_tx.send_replace(watch_set(&specs, generation));
+        if let Ok(mut s) = self.specs.write() {
+            *s = specs;
+        }
+    }
+}
+
+fn watch_set(specs: &[ServiceSpec], generation: u64) -> WatchSet {
+    WatchSet {
+        generation,
+        services: specs
+            .iter()
+            .map(|s| WatchedService {
+                name: s.name.clone(),
+                endpoints: s
+                    .endpoints
+                    .iter()
+                    .map(|e| Endpoint {
+                        ip: e.ip().to_string(),
+                        port: e.port() as u32,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replacing_publishes_a_newer_generation() {
+        let c = Catalog::new(vec![]);
+        let rx = c.subscribe();
+        assert_eq!(rx.borrow().generation, 1);
+        c.replace(vec![ServiceSpec {
+            name: "web".into(),
+            endpoints: vec!["127.0.0.1:8080".parse().expect("literal")],
+            mode: Mode::Observe,
+        }]);
+        let set = rx.borrow().clone();
+        assert_eq!(set.generation, 2);
+        assert_eq!(
+            set.services[0].endpoints[0],
+            Endpoint {
+                ip: "127.0.0.1".into(),
+                port: 8080
+            }
+        );
+    }
+}

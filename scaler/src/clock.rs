@@ -1,0 +1,28 @@
+//! The scaler's clock, injected into everything that reads time so tests run on a fake one.
+
+use std::time::{Duration, Instant};
+
+pub trait Clock: Send + Sync + 'static {
+    /// Time since an arbitrary fixed origin; only differences mean anything.
+    fn now(&self) -> Duration;
+}
+
+/// The machine's monotonic clock, measured from when this value was made.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemClock {
+    origin: Instant,
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}

@@ -1,0 +1,257 @@
+//! The scaler's settings: flags, an optional YAML file with the services, their validation.
+//! Every error names the field, the value and what is allowed.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::catalog::{Mode, ServiceSpec};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("{field} = {value:?}: {message}")]
+    Invalid {
+        field: String,
+        value: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "surge-scaler", version, about = "Surge's central scaler")]
+pub struct Args {
+    /// YAML file with `services:` (and optionally grpc_listen, http_listen).
+    #[arg(long, env = "SURGE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Watch an existing server without scaling it: NAME=ENDPOINT[,ENDPOINT...], where an
+    /// endpoint is IP:PORT, [IPv6]:PORT, or :PORT for any local address. Repeatable.
+    #[arg(long = "observe", value_name = "NAME=ENDPOINTS")]
+    pub observe: Vec<String>,
+    /// Where agents connect (gRPC) [default: 0.0.0.0:50051].
+    #[arg(long, env = "SURGE_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// HTTP: /healthz, /metrics, /api/v1/services [default: 0.0.0.0:8080].
+    #[arg(long, env = "SURGE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    grpc_listen: Option<String>,
+    http_listen: Option<String>,
+    #[serde(default)]
+    services: Vec<FileService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    name: String,
+    #[serde(default)]
+    endpoints: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub services: Vec<ServiceSpec>,
+}
+
+impl Settings {
+    pub fn resolve(args: &Args, file_text: Option<&str>) -> Result<Self, ConfigError> {
+        let path = args
+            .config
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let file = match file_text {
+            Some(text) => serde_yaml::from_str::<FileConfig>(text).map_err(|e| ConfigError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            })?,
+            None => FileConfig::default(),
+        };
+        let in_file = |e: ConfigError| match e {
+            ConfigError::Invalid { .. } if file_text.is_some() => ConfigError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            },
+            e => e,
+        };
+        let listen =
+            |field: &str, flag: Option<SocketAddr>, text: Option<String>, default: u16| match (flag, text) {
+                (Some(a), _) => Ok(a),
+                (None, Some(t)) => t.parse().map_err(|_| {
+                    in_file(ConfigError::Invalid {
+                        field: field.into(),
+                        value: t,
+                        message: "must be IP:PORT".into(),
+                    })
+                }),
+                (None, None) => Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), default)),
+            };
+        let grpc_listen = listen("grpc_listen", args.grpc_listen, file.grpc_listen, 50051)?;
+        let http_listen = listen("http_listen", args.http_listen, file.http_listen, 8080)?;
+
+        let mut services = Vec::new();
+        for (i, s) in file.services.iter().enumerate() {
+            services.push(service(&format!("services[{i}]"), &s.name, &s.endpoints).map_err(in_file)?);
+        }
+        for flag in &args.observe {
+            let (name, eps) = flag.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                field: "--observe".into(),
+                value: flag.clone(),
+                message: "must be NAME=ENDPOINT[,ENDPOINT...] (e.g. web=127.0.0.1:8080)".into(),
+            })?;
+            let eps: Vec<String> = eps.split(',').map(str::to_string).collect();
+            services.push(service("--observe", name, &eps)?);
+        }
+        let mut seen = HashSet::new();
+        for s in &services {
+            if !seen.insert(s.name.clone()) {
+                return Err(ConfigError::Invalid {
+                    field: "name".into(),
+                    value: s.name.clone(),
+                    message: "declared twice; service names must be unique".into(),
+                });
+            }
+        }
+        Ok(Self {
+            grpc_listen,
+            http_listen,
+            services,
+        })
+    }
+}
+
+/// Service names follow Kubernetes object names (DNS-1123 labels), so they can be used as such.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+fn service(field: &str, name: &str, endpoints: &[String]) -> Result<ServiceSpec, ConfigError> {
+    if !valid_name(name) {
+        return Err(ConfigError::Invalid {
+            field: format!("{field}.name"),
+            value: name.into(),
+            message:
+                "must be 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+                    .into(),
+        });
+    }
+    if endpoints.is_empty() {
+        return Err(ConfigError::Invalid {
+            field: format!("{field}.endpoints"),
+            value: String::new(),
+            message: "must list at least one endpoint".into(),
+        });
+    }
+    let mut parsed = Vec::new();
+    for (j, e) in endpoints.iter().enumerate() {
+        parsed.push(parse_endpoint(e).ok_or_else(|| ConfigError::Invalid {
+            field: format!("{field}.endpoints[{j}]"),
+            value: e.clone(),
+            message: "must be IP:PORT, [IPv6]:PORT, or :PORT for any local address, with a port from 1 to 65535".into(),
+        })?);
+    }
+    Ok(ServiceSpec {
+        name: name.into(),
+        endpoints: parsed,
+        mode: Mode::Observe,
+    })
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, or `:PORT` (any local address); port 0 is not an endpoint.
+pub fn parse_endpoint(s: &str) -> Option<SocketAddr> {
+    let s = s.trim();
+    let addr = match s.strip_prefix(':') {
+        Some(port) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port.parse().ok()?),
+        None => s.parse().ok()?,
+    };
+    (addr.port() != 0).then_some(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["surge-scaler"];
+        v.extend_from_slice(extra);
+        Args::parse_from(v)
+    }
+
+    #[test]
+    fn observe_flag_declares_a_service() {
+        let s = Settings::resolve(&args(&["--observe", "web=127.0.0.1:8081,:9000"]), None).expect("valid");
+        assert_eq!(s.services[0].name, "web");
+        assert_eq!(
+            s.services[0].endpoints,
+            vec![
+                "127.0.0.1:8081".parse().expect("literal"),
+                "0.0.0.0:9000".parse().expect("literal")
+            ]
+        );
+        assert_eq!(s.http_listen.port(), 8080);
+        assert_eq!(s.grpc_listen.port(), 50051);
+    }
+
+    #[test]
+    fn file_services_and_errors_name_the_field() {
+        let text = "services:\n  - name: web\n    endpoints: [\"127.0.0.1:80\"]\n  - name: api\n    endpoints: [\"localhost:80\"]\n";
+        let err = Settings::resolve(&args(&["--config", "s.yaml"]), Some(text)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config file s.yaml: services[1].endpoints[0] = \"localhost:80\": must be IP:PORT, [IPv6]:PORT, or :PORT for any local address, with a port from 1 to 65535"
+        );
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        let err = Settings::resolve(&args(&["--config", "s.yaml"]), Some("servics: []\n")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("config file s.yaml: unknown field `servics`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_observe_flags_are_named() {
+        let err = Settings::resolve(&args(&["--observe", "web"]), None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--observe = \"web\": must be NAME=ENDPOINT[,ENDPOINT...] (e.g. web=127.0.0.1:8080)"
+        );
+        let err = Settings::resolve(&args(&["--observe", "Web=:80"]), None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--observe.name = \"Web\": must be 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+        );
+        let err = Settings::resolve(&args(&["--observe", "a=:80", "--observe", "a=:81"]), None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "name = \"a\": declared twice; service names must be unique"
+        );
+        let err = Settings::resolve(&args(&["--observe", "a=:0"]), None).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--observe.endpoints[0] = \":0\""),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,60 @@
+//! The scaler's HTTP side: /healthz, /metrics, /api/v1/services[/NAME].
+
+use std::sync::Arc;
+
+use axum::{
+    extract::{Path, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use prometheus_client::registry::Registry;
+
+use crate::{metrics, state::Shared, view::snapshot};
+
+#[derive(Clone)]
+struct AppState {
+    shared: Arc<Shared>,
+    registry: Arc<Registry>,
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let registry = Arc::new(metrics::registry(Arc::clone(&shared)));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(prometheus))
+        .route("/api/v1/services", get(services))
+        .route("/api/v1/services/{name}", get(service))
+        .with_state(AppState { shared, registry })
+}
+
+async fn prometheus(State(app): State<AppState>) -> Response {
+    match metrics::encode(&app.registry) {
+        Ok(text) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics failed\n").into_response(),
+    }
+}
+
+async fn services(State(app): State<AppState>) -> Response {
+    Json(snapshot(&app.shared)).into_response()
+}
+
+async fn service(State(app): State<AppState>, Path(name): Path<String>) -> Response {
+    match snapshot(&app.shared)
+        .services
+        .into_iter()
+        .find(|s| s.name == name)
+    {
+        Some(v) => Json(v).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": format!("no service named {name:?}") })),
+        )
+            .into_response(),
+    }
+}

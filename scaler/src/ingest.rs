@@ -1,0 +1,306 @@
+//! Merges the agents' cumulative reports into per-service figures. Each (service, node) pair is a
+//! series of cumulative samples from one agent instance; a new instance (or a counter that goes
+//! down) is a reset, and the old instance's last totals are carried into a base so totals never
+//! go backwards and rates are never negative. Time is a parameter: `now` from the injected clock.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Serialize;
+use surge_proto::v1::{Report, ServiceCounters};
+
+use surge_common::latency::LATENCY_BUCKETS;
+
+/// Cumulative totals of one series (or of their sum).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Totals {
+    pub requests: u64,
+    pub responses: u64,
+    pub in_flight_seconds: f64,
+    pub latency_seconds_sum: f64,
+    pub latency_buckets: [u64; LATENCY_BUCKETS],
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+impl Default for Totals {
+    fn default() -> Self {
+        Self {
+            requests: 0,
+            responses: 0,
+            in_flight_seconds: 0.0,
+            latency_seconds_sum: 0.0,
+            latency_buckets: [0; LATENCY_BUCKETS],
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
+}
+
+impl Totals {
+    fn from_wire(c: &ServiceCounters) -> Self {
+        let mut latency_buckets = [0; LATENCY_BUCKETS];
+        for (dst, src) in latency_buckets.iter_mut().zip(&c.latency_buckets) {
+            *dst = *src;
+        }
+        Self {
+            requests: c.requests,
+            responses: c.responses,
+            in_flight_seconds: c.in_flight_seconds,
+            latency_seconds_sum: c.latency_seconds_sum,
+            latency_buckets,
+            rx_bytes: c.rx_bytes,
+            tx_bytes: c.tx_bytes,
+        }
+    }
+
+    fn add(&mut self, o: &Totals) {
+        self.requests += o.requests;
+        self.responses += o.responses;
+        self.in_flight_seconds += o.in_flight_seconds;
+        self.latency_seconds_sum += o.latency_seconds_sum;
+        for (a, b) in self.latency_buckets.iter_mut().zip(&o.latency_buckets) {
+            *a += b;
+        }
+        self.rx_bytes += o.rx_bytes;
+        self.tx_bytes += o.tx_bytes;
+    }
+
+    /// `self − earlier` for a later sample of the same instance (saturating: never negative).
+    fn since(&self, earlier: &Totals) -> Totals {
+        let mut d = Totals {
+            requests: self.requests.saturating_sub(earlier.requests),
+            responses: self.responses.saturating_sub(earlier.responses),
+            in_flight_seconds: (self.in_flight_seconds - earlier.in_flight_seconds).max(0.0),
+            latency_seconds_sum: (self.latency_seconds_sum - earlier.latency_seconds_sum).max(0.0),
+            rx_bytes: self.rx_bytes.saturating_sub(earlier.rx_bytes),
+            tx_bytes: self.tx_bytes.saturating_sub(earlier.tx_bytes),
+            ..Default::default()
+        };
+        for ((d, a), b) in d
+            .latency_buckets
+            .iter_mut()
+            .zip(&self.latency_buckets)
+            .zip(&earlier.latency_buckets)
+        {
+            *d = a.saturating_sub(*b);
+        }
+        d
+    }
+
+    /// A counter went down: the agent's counters restarted.
+    fn went_down_from(&self, earlier: &Totals) -> bool {
+        self.requests < earlier.requests
+            || self.responses < earlier.responses
+            || self.rx_bytes < earlier.rx_bytes
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// The agent's CLOCK_MONOTONIC at reading, ns.
+    at_ns: u64,
+    totals: Totals,
+    in_flight: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Series {
+    instance: u64,
+    /// Totals of earlier instances of this node's agent.
+    base: Totals,
+    last: Sample,
+    prev: Option<Sample>,
+    received: Duration,
+    resets: u64,
+}
+
+/// What the scaler knows of one node.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub instance_id: u64,
+    pub connected: bool,
+    pub reports: u64,
+    pub last_report_age_seconds: f64,
+}
+
+#[derive(Debug, Clone)]
+struct NodeState {
+    instance: u64,
+    connected: bool,
+    reports: u64,
+    last_report: Duration,
+}
+
+/// The merged view of one service at `now`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ServiceFigures {
+    pub requests_total: u64,
+    pub responses_total: u64,
+    /// Requests per second over each fresh node's last report interval, summed over nodes.
+    pub request_rate: f64,
+    pub in_flight: i64,
+    /// Time-weighted average of in-flight requests over the last interval, summed over nodes.
+    pub concurrency: f64,
+    pub rx_bytes_total: u64,
+    pub tx_bytes_total: u64,
+    pub latency_seconds_sum: f64,
+    /// Latency buckets (surge_common::latency), cumulative.
+    #[serde(skip)]
+    pub latency_buckets: Vec<u64>,
+    /// Latency buckets of the last interval (fresh nodes).
+    #[serde(skip)]
+    pub recent_latency_buckets: Vec<u64>,
+    /// Nodes that reported this service.
+    pub nodes: usize,
+    /// Counter resets seen (agent restarts).
+    pub resets: u64,
+}
+
+/// All series, keyed by service then node.
+#[derive(Debug, Default)]
+pub struct Ingest {
+    series: BTreeMap<String, BTreeMap<String, Series>>,
+    nodes: BTreeMap<String, NodeState>,
+    /// A node silent this long no longer contributes rates or in-flight counts.
+    stale_after: Duration,
+}
+
+impl Ingest {
+    pub fn new(stale_after: Duration) -> Self {
+        Self {
+            stale_after,
+            ..Default::default()
+        }
+    }
+
+    /// An agent opened a stream.
+    pub fn connected(&mut self, node: &str, instance: u64, now: Duration) {
+        let state = self.nodes.entry(node.to_string()).or_insert(NodeState {
+            instance,
+            connected: true,
+            reports: 0,
+            last_report: now,
+        });
+        state.instance = instance;
+        state.connected = true;
+    }
+
+    /// An agent's stream ended. Its totals stay (they were counted); its rates stop.
+    pub fn disconnected(&mut self, node: &str, instance: u64) {
+        if let Some(state) = self.nodes.get_mut(node) {
+            if state.instance == instance {
+                state.connected = false;
+            }
+        }
+    }
+
+    /// Records one report of `node`'s agent instance `instance`, received at `now`.
+    pub fn record(&mut self, node: &str, instance: u64, report: &Report, now: Duration) {
+        let state = self.nodes.entry(node.to_string()).or_insert(NodeState {
+            instance,
+            connected: true,
+            reports: 0,
+            last_report: now,
+        });
+        state.instance = instance;
+        state.reports += 1;
+        state.last_report = now;
+        for c in &report.services {
+            let sample = Sample {
+                at_ns: report.monotonic_ns,
+                totals: Totals::from_wire(c),
+                in_flight: c.in_flight,
+            };
+            let by_node = self.series.entry(c.service.clone()).or_default();
+            match by_node.get_mut(node) {
+                None => {
+                    by_node.insert(
+                        node.to_string(),
+                        Series {
+                            instance,
+                            base: Totals::default(),
+                            last: sample,
+                            prev: None,
+                            received: now,
+                            resets: 0,
+                        },
+                    );
+                }
+                Some(s) if s.instance != instance || sample.totals.went_down_from(&s.last.totals) => {
+                    tracing::info!(service = %c.service, node, instance, "agent counters restarted; carrying totals over");
+                    s.base.add(&s.last.totals);
+                    s.instance = instance;
+                    s.last = sample;
+                    s.prev = None;
+                    s.received = now;
+                    s.resets += 1;
+                }
+                Some(s) if sample.at_ns > s.last.at_ns => {
+                    s.prev = Some(s.last);
+                    s.last = sample;
+                    s.received = now;
+                }
+                // An out-of-order or duplicate report adds nothing.
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// The merged figures of `service` at `now`, if any agent reported it.
+    pub fn figures(&self, service: &str, now: Duration) -> Option<ServiceFigures> {
+        let by_node = self.series.get(service)?;
+        let mut f = ServiceFigures::default();
+        let mut total = Totals::default();
+        let mut recent = [0u64; LATENCY_BUCKETS];
+        for (node, s) in by_node {
+            total.add(&s.base);
+            total.add(&s.last.totals);
+            f.resets += s.resets;
+            f.nodes += 1;
+            let fresh = now.saturating_sub(s.received) <= self.stale_after
+                && self
+                    .nodes
+                    .get(node)
+                    .is_some_and(|n| n.connected && n.instance == s.instance);
+            if !fresh {
+                continue;
+            }
+            f.in_flight += s.last.in_flight;
+            if let Some(prev) = &s.prev {
+                let dt = (s.last.at_ns - prev.at_ns) as f64 / 1e9;
+                let d = s.last.totals.since(&prev.totals);
+                f.request_rate += d.requests as f64 / dt;
+                f.concurrency += d.in_flight_seconds / dt;
+                for (r, b) in recent.iter_mut().zip(&d.latency_buckets) {
+                    *r += b;
+                }
+            }
+        }
+        f.requests_total = total.requests;
+        f.responses_total = total.responses;
+        f.rx_bytes_total = total.rx_bytes;
+        f.tx_bytes_total = total.tx_bytes;
+        f.latency_seconds_sum = total.latency_seconds_sum;
+        f.latency_buckets = total.latency_buckets.to_vec();
+        f.recent_latency_buckets = recent.to_vec();
+        Some(f)
+    }
+
+    /// Every node that ever connected.
+    pub fn nodes(&self, now: Duration) -> Vec<NodeStatus> {
+        self.nodes
+            .iter()
+            .map(|(name, n)| NodeStatus {
+                node: name.clone(),
+                instance_id: n.instance,
+                connected: n.connected,
+                reports: n.reports,
+                last_report_age_seconds: now.saturating_sub(n.last_report).as_secs_f64(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,107 @@
+use super::*;
+
+const S: u64 = 1_000_000_000;
+
+fn report(at_s: u64, services: &[(&str, u64, f64)]) -> Report {
+    Report {
+        seq: at_s,
+        monotonic_ns: at_s * S,
+        unix_ms: 0,
+        services: services
+            .iter()
+            .map(|(name, requests, in_flight_seconds)| ServiceCounters {
+                service: name.to_string(),
+                requests: *requests,
+                responses: *requests,
+                in_flight_seconds: *in_flight_seconds,
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[test]
+fn rate_and_concurrency_come_from_differences() {
+    let mut i = Ingest::new(secs(10));
+    i.connected("n1", 7, secs(0));
+    i.record("n1", 7, &report(100, &[("web", 1000, 50.0)]), secs(0));
+    i.record("n1", 7, &report(102, &[("web", 1300, 53.0)]), secs(2));
+    let f = i.figures("web", secs(2)).expect("reported");
+    assert_eq!(f.requests_total, 1300);
+    assert_eq!(f.request_rate, 150.0);
+    assert_eq!(f.concurrency, 1.5);
+}
+
+#[test]
+fn nodes_are_summed() {
+    let mut i = Ingest::new(secs(10));
+    for (node, inst) in [("a", 1), ("b", 2)] {
+        i.connected(node, inst, secs(0));
+        i.record(node, inst, &report(10, &[("web", 100, 0.0)]), secs(0));
+        i.record(node, inst, &report(11, &[("web", 110, 0.0)]), secs(1));
+    }
+    let f = i.figures("web", secs(1)).expect("reported");
+    assert_eq!((f.requests_total, f.request_rate, f.nodes), (220, 20.0, 2));
+}
+
+#[test]
+fn agent_restart_carries_totals_and_is_never_a_negative_rate() {
+    let mut i = Ingest::new(secs(10));
+    i.connected("n1", 1, secs(0));
+    i.record("n1", 1, &report(10, &[("web", 500, 0.0)]), secs(0));
+    i.record("n1", 1, &report(11, &[("web", 600, 0.0)]), secs(1));
+    i.disconnected("n1", 1);
+    i.connected("n1", 2, secs(3));
+    i.record("n1", 2, &report(2, &[("web", 40, 0.0)]), secs(3));
+    let f = i.figures("web", secs(3)).expect("reported");
+    assert_eq!(f.requests_total, 640);
+    assert_eq!(
+        f.request_rate, 0.0,
+        "no rate until two samples of the new instance"
+    );
+    assert_eq!(f.resets, 1);
+    i.record("n1", 2, &report(3, &[("web", 90, 0.0)]), secs(4));
+    let f = i.figures("web", secs(4)).expect("reported");
+    assert_eq!((f.requests_total, f.request_rate), (690, 50.0));
+}
+
+#[test]
+fn a_counter_going_down_in_the_same_instance_is_a_reset() {
+    let mut i = Ingest::new(secs(10));
+    i.connected("n1", 1, secs(0));
+    i.record("n1", 1, &report(10, &[("web", 500, 0.0)]), secs(0));
+    i.record("n1", 1, &report(11, &[("web", 3, 0.0)]), secs(1));
+    let f = i.figures("web", secs(1)).expect("reported");
+    assert_eq!((f.requests_total, f.request_rate), (503, 0.0));
+}
+
+#[test]
+fn stale_or_disconnected_nodes_keep_totals_but_add_no_rate() {
+    let mut i = Ingest::new(secs(5));
+    i.connected("n1", 1, secs(0));
+    i.record("n1", 1, &report(10, &[("web", 100, 0.0)]), secs(0));
+    i.record("n1", 1, &report(11, &[("web", 200, 0.0)]), secs(1));
+    assert_eq!(i.figures("web", secs(7)).expect("reported").request_rate, 0.0);
+    assert_eq!(i.figures("web", secs(7)).expect("reported").requests_total, 200);
+    i.disconnected("n1", 1);
+    assert_eq!(i.figures("web", secs(1)).expect("reported").request_rate, 0.0);
+}
+
+#[test]
+fn duplicate_reports_add_nothing() {
+    let mut i = Ingest::new(secs(10));
+    i.connected("n1", 1, secs(0));
+    let r = report(10, &[("web", 100, 0.0)]);
+    i.record("n1", 1, &r, secs(0));
+    i.record("n1", 1, &r, secs(0));
+    assert_eq!(i.figures("web", secs(0)).expect("reported").requests_total, 100);
+}
+
+#[test]
+fn unknown_service_has_no_figures() {
+    assert!(Ingest::new(secs(1)).figures("nope", secs(0)).is_none());
+}

@@ -1,0 +1,102 @@
+//! The surge-scaler binary: settings, then the gRPC server for agents and the HTTP server.
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use clap::Parser;
+use surge_proto::v1::agent_link_server::AgentLinkServer;
+use surge_scaler::{
+    catalog::Catalog,
+    clock::SystemClock,
+    config::{Args, Settings},
+    grpc::AgentLinkService,
+    http,
+    state::Shared,
+};
+
+/// A node silent this long stops contributing rates.
+const STALE_AFTER: Duration = Duration::from_secs(10);
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(args)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("surge-scaler: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let file_text = match &args.config {
+        Some(path) => Some(
+            tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let settings = Settings::resolve(&args, file_text.as_deref())?;
+    for s in &settings.services {
+        tracing::info!(service = %s.name, endpoints = ?s.endpoints, mode = ?s.mode, "service declared");
+    }
+    let shared = Arc::new(Shared::new(
+        Catalog::new(settings.services),
+        Arc::new(SystemClock::default()),
+        STALE_AFTER,
+    ));
+
+    let grpc_listener = tokio::net::TcpListener::bind(settings.grpc_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("grpc_listen {}: {e}", settings.grpc_listen))?;
+    let http_listener = tokio::net::TcpListener::bind(settings.http_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("http_listen {}: {e}", settings.http_listen))?;
+    tracing::info!(grpc = %settings.grpc_listen, http = %settings.http_listen, "listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let grpc = tonic::transport::Server::builder()
+        .add_service(AgentLinkServer::new(AgentLinkService::new(Arc::clone(&shared))))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            stopped(stop_rx.clone()),
+        );
+    let web = axum::serve(http_listener, http::router(Arc::clone(&shared)))
+        .with_graceful_shutdown(stopped(stop_rx));
+    let grpc = tokio::spawn(grpc);
+    let web = tokio::spawn(async move { web.await });
+    shutdown_signal().await;
+    tracing::info!("stopping");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = grpc.await;
+        let _ = web.await;
+    })
+    .await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

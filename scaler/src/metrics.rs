@@ -1,0 +1,143 @@
+//! /metrics in the Prometheus text format, written by the prometheus-client library from a
+//! snapshot taken at scrape time (a collector: nothing is kept twice).
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+
+use crate::{state::Shared, view::snapshot};
+
+#[derive(Debug)]
+struct ServiceCollector {
+    shared: SharedRef,
+}
+
+/// `Shared` holds a trait object without Debug; this wrapper gives the collector one.
+struct SharedRef(Arc<Shared>);
+
+impl std::fmt::Debug for SharedRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared")
+    }
+}
+
+type Labels = [(&'static str, String); 1];
+
+fn family<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl Iterator<Item = (Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut fam = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in rows {
+        metric.encode(fam.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for ServiceCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snap = snapshot(&self.shared.0);
+        let svc = |name: &str| [("service", name.to_string())];
+        let s = &snap.services;
+        family(
+            &mut enc,
+            "surge_service_requests",
+            "HTTP requests started, counted in the kernel.",
+            MetricType::Counter,
+            s.iter()
+                .map(|v| (svc(&v.name), ConstCounter::new(v.figures.requests_total))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_responses",
+            "Final HTTP responses started, counted in the kernel.",
+            MetricType::Counter,
+            s.iter()
+                .map(|v| (svc(&v.name), ConstCounter::new(v.figures.responses_total))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_request_rate",
+            "Requests per second over the last report interval.",
+            MetricType::Gauge,
+            s.iter()
+                .map(|v| (svc(&v.name), ConstGauge::new(v.figures.request_rate))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_in_flight_requests",
+            "Requests in flight at the last report.",
+            MetricType::Gauge,
+            s.iter()
+                .map(|v| (svc(&v.name), ConstGauge::new(v.figures.in_flight))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_concurrency",
+            "Time-weighted average of in-flight requests over the last report interval.",
+            MetricType::Gauge,
+            s.iter()
+                .map(|v| (svc(&v.name), ConstGauge::new(v.figures.concurrency))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_received_bytes",
+            "TCP payload bytes received by the service.",
+            MetricType::Counter,
+            s.iter()
+                .map(|v| (svc(&v.name), ConstCounter::new(v.figures.rx_bytes_total))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_sent_bytes",
+            "TCP payload bytes sent by the service.",
+            MetricType::Counter,
+            s.iter()
+                .map(|v| (svc(&v.name), ConstCounter::new(v.figures.tx_bytes_total))),
+        )?;
+        let node = |name: &str| [("node", name.to_string())];
+        family(
+            &mut enc,
+            "surge_agent_connected",
+            "1 while the node's agent is connected.",
+            MetricType::Gauge,
+            snap.nodes
+                .iter()
+                .map(|n| (node(&n.node), ConstGauge::new(n.connected as i64))),
+        )?;
+        family(
+            &mut enc,
+            "surge_agent_report_age_seconds",
+            "Seconds since the node's agent last reported.",
+            MetricType::Gauge,
+            snap.nodes
+                .iter()
+                .map(|n| (node(&n.node), ConstGauge::new(n.last_report_age_seconds))),
+        )?;
+        Ok(())
+    }
+}
+
+/// The registry /metrics encodes.
+pub fn registry(shared: Arc<Shared>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(ServiceCollector {
+        shared: SharedRef(shared),
+    }));
+    r
+}
+
+/// The text exposition of a registry.
+pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}

@@ -1,0 +1,30 @@
+//! What the scaler's tasks share: the catalog of services, the merged metrics, the clock.
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use crate::{catalog::Catalog, clock::Clock, ingest::Ingest};
+
+pub struct Shared {
+    pub catalog: Catalog,
+    ingest: Mutex<Ingest>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Shared {
+    pub fn new(catalog: Catalog, clock: Arc<dyn Clock>, stale_after: Duration) -> Self {
+        Self {
+            catalog,
+            ingest: Mutex::new(Ingest::new(stale_after)),
+            clock,
+        }
+    }
+
+    /// The merged metrics. Held only for short, non-async sections.
+    pub fn ingest(&self) -> MutexGuard<'_, Ingest> {
+        // A panic while holding the lock leaves consistent data (every update is one call).
+        self.ingest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

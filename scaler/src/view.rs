@@ -1,0 +1,56 @@
+//! The per-service view shared by the JSON API and /metrics: the catalog's declaration joined
+//! with the merged figures at one instant.
+
+use serde::Serialize;
+
+use crate::{
+    catalog::{Mode, ServiceSpec},
+    ingest::{Ingest, NodeStatus, ServiceFigures},
+    latency::{percentiles, Percentiles},
+    state::Shared,
+};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub mode: Mode,
+    pub endpoints: Vec<String>,
+    /// Whether any agent has reported this service yet.
+    pub reported: bool,
+    #[serde(flatten)]
+    pub figures: ServiceFigures,
+    /// Latency percentiles over the last report interval; null when no request finished in it.
+    pub latency: Option<Percentiles>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub services: Vec<ServiceView>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+fn view(spec: &ServiceSpec, ingest: &Ingest, now: std::time::Duration) -> ServiceView {
+    let figures = ingest.figures(&spec.name, now);
+    let latency = figures
+        .as_ref()
+        .and_then(|f| percentiles(&f.recent_latency_buckets));
+    ServiceView {
+        name: spec.name.clone(),
+        mode: spec.mode,
+        endpoints: spec.endpoints.iter().map(|e| e.to_string()).collect(),
+        reported: figures.is_some(),
+        figures: figures.unwrap_or_default(),
+        latency,
+    }
+}
+
+/// Every declared service and every node, as of now.
+pub fn snapshot(shared: &Shared) -> Snapshot {
+    let specs = shared.catalog.specs();
+    let now = shared.clock.now();
+    let ingest = shared.ingest();
+    Snapshot {
+        services: specs.iter().map(|s| view(s, &ingest, now)).collect(),
+        nodes: ingest.nodes(now),
+    }
+}
