@@ -1,1 +1,5 @@
+//! Support for Surge's end-to-end tests: starting the real programs, a raw HTTP client, load.
 
+pub mod harness;
+pub mod http_client;
+pub mod load;

@@ -1,0 +1,239 @@
+//! Starts the real programs (scaler, agent, sample service) as child processes on free loopback
+//! ports, waits for them to be ready, reads the scaler's API, and stops them on drop.
+
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::http_client::get_text;
+
+/// The eBPF tests need root; in CI they run as root and are never skipped.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "these tests load eBPF programs and need root: run them as root (CI does)");
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The workspace's target directory (CARGO_TARGET_DIR or ./target).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// A program of the workspace built by `cargo build --release`.
+pub fn bin(name: &str) -> PathBuf {
+    let p = target_dir().join("release").join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --release` first", p.display());
+    p
+}
+
+/// A directory for this test's logs and files, removed at the end unless SURGE_KEEP_LOGS is set.
+pub fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("surge-e2e-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+/// A child process that is killed (SIGTERM, then SIGKILL) when dropped.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        Self { child: Some(child), log, name: name.to_string() }
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn stop_with(&mut self, signal: i32) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill on a pid we own.
+            unsafe { libc::kill(c.id() as i32, signal) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop_with(libc::SIGTERM);
+    }
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+pub fn wait_listening(addr: SocketAddr, proc: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(proc.is_running(), "{} exited early:\n{}", proc.name(), proc.log_tail());
+        assert!(Instant::now() < deadline, "{} never listened on {addr}:\n{}", proc.name(), proc.log_tail());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The sample HTTP service.
+pub struct Sample {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Sample {
+    pub fn start(dir: &Path) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+        let mut proc = Proc::spawn(
+            &format!("sample-{}", addr.port()),
+            &bin("surge-sample"),
+            &["--listen".into(), addr.to_string()],
+            dir,
+        );
+        wait_listening(addr, &mut proc);
+        Self { proc, addr }
+    }
+}
+
+/// The scaler, with its API on a free port.
+pub struct Scaler {
+    pub proc: Proc,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+}
+
+impl Scaler {
+    /// Starts a scaler; `extra` are further flags (e.g. `--observe web=127.0.0.1:8080`).
+    pub fn start(dir: &Path, grpc_port: u16, extra: &[String]) -> Self {
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+        let grpc: SocketAddr = format!("127.0.0.1:{grpc_port}").parse().expect("address");
+        let mut args = vec!["--http-listen".into(), http.to_string(), "--grpc-listen".into(), grpc.to_string()];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn(&format!("scaler-{}", http.port()), &bin("surge-scaler"), &args, dir);
+        wait_listening(http, &mut proc);
+        wait_listening(grpc, &mut proc);
+        Self { proc, http, grpc }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// GET /api/v1/services as JSON.
+    pub fn services(&self) -> Value {
+        let (status, body) = get_text(self.http, "/api/v1/services").expect("scaler API answers");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("JSON")
+    }
+
+    /// One service's entry in /api/v1/services.
+    pub fn service(&self, name: &str) -> Value {
+        let all = self.services();
+        all["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|v| v["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no service {name} in {all}"))
+    }
+
+    /// Reports received from all agents so far.
+    pub fn reports(&self) -> u64 {
+        self.services()["nodes"].as_array().map(|n| n.iter().filter_map(|x| x["reports"].as_u64()).sum()).unwrap_or(0)
+    }
+
+    /// Waits until `pred` holds for the service, or fails with the last value seen.
+    pub fn wait_for(&self, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.service(name);
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {name}: {what}; last: {v}\n{}", self.proc.log_tail());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the agents have sent `n` more reports than now: whatever was counted before
+    /// this call has reached the scaler.
+    pub fn wait_reports(&self, n: u64) {
+        let start = self.reports();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.reports() < start + n {
+            assert!(Instant::now() < deadline, "agents stopped reporting\n{}", self.proc.log_tail());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+/// The agent, reporting every 100 ms.
+pub struct Agent {
+    pub proc: Proc,
+}
+
+impl Agent {
+    pub fn start(dir: &Path, scaler_url: &str, extra: &[String]) -> Self {
+        let mut args = vec!["--scaler".into(), scaler_url.to_string(), "--report-interval".into(), "100ms".into()];
+        args.extend_from_slice(extra);
+        let name = format!("agent-{}", free_port());
+        Self { proc: Proc::spawn(&name, &bin("surge-agent"), &args, dir) }
+    }
+}
+
+/// Runs a program to completion and returns (exit code, stdout, stderr).
+pub fn run_to_end(program: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(program).args(args).stdin(Stdio::null()).output().expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,89 @@
+//! A minimal HTTP/1.1 client on blocking sockets, so tests control exactly what goes on the wire:
+//! one request per connection or many over one, bodies of any size.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed response: {0}")]
+    Malformed(String),
+}
+
+/// A response: status and body.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// One connection that sends requests one after another and reads each response.
+pub struct Connection {
+    reader: BufReader<TcpStream>,
+}
+
+impl Connection {
+    pub fn open(addr: SocketAddr) -> Result<Self, HttpError> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_nodelay(true)?;
+        Ok(Self { reader: BufReader::new(stream) })
+    }
+
+    /// Sends one request and reads its response. `close` asks the server to close afterwards.
+    pub fn request(&mut self, method: &str, path: &str, body: &[u8], close: bool) -> Result<Response, HttpError> {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: surge-test\r\nUser-Agent: surge-tests\r\n");
+        if !body.is_empty() || method == "POST" {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        if close {
+            head.push_str("Connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        let stream = self.reader.get_mut();
+        stream.write_all(head.as_bytes())?;
+        stream.write_all(body)?;
+        self.read_response()
+    }
+
+    fn read_response(&mut self) -> Result<Response, HttpError> {
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| HttpError::Malformed(format!("status line {line:?}")))?;
+        let mut length = None;
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(HttpError::Malformed("connection closed in headers".into()));
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let len = length.ok_or_else(|| HttpError::Malformed("no Content-Length".into()))?;
+        let mut body = vec![0; len];
+        self.reader.read_exact(&mut body)?;
+        Ok(Response { status, body })
+    }
+}
+
+/// GET `path` on a fresh connection and return the body as text (for the scaler's API).
+pub fn get_text(addr: SocketAddr, path: &str) -> Result<(u16, String), HttpError> {
+    let r = Connection::open(addr)?.request("GET", path, &[], true)?;
+    Ok((r.status, String::from_utf8_lossy(&r.body).into_owned()))
+}

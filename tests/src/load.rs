@@ -1,0 +1,112 @@
+//! A closed-loop load generator: exactly N requests spread over C connections (or C workers that
+//! open a connection per request), each answer checked. Used by the tests and the demo.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use crate::http_client::Connection;
+
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub addr: SocketAddr,
+    /// Exactly this many requests are sent.
+    pub requests: usize,
+    /// Parallel workers.
+    pub workers: usize,
+    /// One connection per worker for all its requests, or a new connection per request.
+    pub keep_alive: bool,
+    pub method: String,
+    pub path: String,
+    /// Request body size in bytes (0: none).
+    pub body: usize,
+}
+
+impl LoadSpec {
+    pub fn get(addr: SocketAddr, requests: usize) -> Self {
+        Self {
+            addr,
+            requests,
+            workers: 1,
+            keep_alive: true,
+            method: "GET".into(),
+            path: "/".into(),
+            body: 0,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// Requests answered with a 2xx status.
+    pub ok: usize,
+    /// Requests that failed or got another status.
+    pub failed: usize,
+    pub latencies: Vec<Duration>,
+    pub errors: Vec<String>,
+}
+
+/// Sends the requests and waits for every answer.
+pub fn run(spec: &LoadSpec) -> LoadReport {
+    let next = Arc::new(AtomicUsize::new(0));
+    let body: Arc<Vec<u8>> = Arc::new(vec![b'x'; spec.body]);
+    let handles: Vec<_> = (0..spec.workers.max(1))
+        .map(|_| {
+            let (spec, next, body) = (spec.clone(), Arc::clone(&next), Arc::clone(&body));
+            std::thread::spawn(move || worker(&spec, &next, &body))
+        })
+        .collect();
+    let mut total = LoadReport::default();
+    for h in handles {
+        match h.join() {
+            Ok(r) => {
+                total.ok += r.ok;
+                total.failed += r.failed;
+                total.latencies.extend(r.latencies);
+                total.errors.extend(r.errors);
+            }
+            Err(_) => total.errors.push("a load worker panicked".into()),
+        }
+    }
+    total
+}
+
+fn worker(spec: &LoadSpec, next: &AtomicUsize, body: &[u8]) -> LoadReport {
+    let mut report = LoadReport::default();
+    let mut conn: Option<Connection> = None;
+    while next.fetch_add(1, Ordering::Relaxed) < spec.requests {
+        let start = Instant::now();
+        let result = (|| {
+            let c = match conn.take() {
+                Some(c) => c,
+                None => Connection::open(spec.addr)?,
+            };
+            let mut c = c;
+            let r = c.request(&spec.method, &spec.path, body, !spec.keep_alive)?;
+            if spec.keep_alive {
+                conn = Some(c);
+            }
+            Ok::<_, crate::http_client::HttpError>(r)
+        })();
+        match result {
+            Ok(r) if (200..300).contains(&r.status) => {
+                report.ok += 1;
+                report.latencies.push(start.elapsed());
+            }
+            Ok(r) => {
+                report.failed += 1;
+                report.errors.push(format!("status {}", r.status));
+            }
+            Err(e) => {
+                report.failed += 1;
+                report.errors.push(e.to_string());
+            }
+        }
+    }
+    report
+}

@@ -1,0 +1,210 @@
+//! Kernel-counted HTTP requests reach the scaler exactly: the agent's eBPF programs against a real
+//! HTTP server under real load, the scaler's API against the number of requests sent. Needs root.
+
+use std::{io::Write, net::TcpStream, path::PathBuf, time::Duration};
+
+use serde_json::Value;
+use surge_tests::{
+    harness::{free_port, require_root, scratch, Agent, Sample, Scaler},
+    load::{run, LoadSpec},
+};
+
+/// A scaler watching `web` (the sample server) and `idle` (a port nobody uses), and an agent.
+struct Rig {
+    web: Sample,
+    scaler: Scaler,
+    agent: Agent,
+    dir: PathBuf,
+}
+
+impl Rig {
+    fn start(test: &str) -> Self {
+        require_root();
+        let dir = scratch(test);
+        let web = Sample::start(&dir);
+        let scaler = Scaler::start(&dir, free_port(), &observe_flags(&web));
+        let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+        let rig = Self { web, scaler, agent, dir };
+        rig.scaler.wait_for("web", "first report", |v| v["reported"] == true);
+        rig.scaler.wait_for("idle", "first report", |v| v["reported"] == true);
+        rig
+    }
+
+    /// Waits for the agent to report everything counted so far, then returns web's entry.
+    fn settled(&self) -> Value {
+        self.scaler.wait_reports(3);
+        self.scaler.service("web")
+    }
+
+    fn assert_idle_untouched(&self) {
+        let idle = self.scaler.service("idle");
+        assert_eq!(idle["requests_total"], 0, "{idle}");
+        assert_eq!(idle["rx_bytes_total"], 0, "{idle}");
+    }
+}
+
+fn observe_flags(web: &Sample) -> Vec<String> {
+    vec![
+        "--observe".into(),
+        format!("web={}", web.addr),
+        "--observe".into(),
+        format!("idle=127.0.0.1:{}", free_port()),
+    ]
+}
+
+fn send(spec: &LoadSpec) {
+    let r = run(spec);
+    assert_eq!(r.ok, spec.requests, "every request is answered: {:?}", &r.errors[..r.errors.len().min(5)]);
+}
+
+fn count(v: &Value, field: &str) -> u64 {
+    v[field].as_u64().unwrap_or_else(|| panic!("{field} in {v}"))
+}
+
+#[test]
+fn keep_alive_requests_are_counted_exactly() {
+    let rig = Rig::start("keepalive");
+    let n = 3000;
+    send(&LoadSpec { workers: 4, ..LoadSpec::get(rig.web.addr, n) });
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), n as u64, "{v}");
+    assert_eq!(count(&v, "responses_total"), n as u64, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+    rig.assert_idle_untouched();
+}
+
+#[test]
+fn a_new_connection_per_request_is_counted_exactly() {
+    let rig = Rig::start("newconn");
+    let n = 2000;
+    send(&LoadSpec { workers: 4, keep_alive: false, ..LoadSpec::get(rig.web.addr, n) });
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), n as u64, "{v}");
+    assert_eq!(count(&v, "responses_total"), n as u64, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+    rig.assert_idle_untouched();
+}
+
+#[test]
+fn bodies_that_span_many_segments_count_once() {
+    let rig = Rig::start("bodies");
+    let (n_up, n_down, size) = (300, 300, 256 * 1024);
+    // Large request bodies, over keep-alive and over fresh connections.
+    let upload = LoadSpec { method: "POST".into(), path: "/echo".into(), body: size, workers: 2, ..LoadSpec::get(rig.web.addr, n_up) };
+    send(&upload);
+    send(&LoadSpec { keep_alive: false, ..upload.clone() });
+    // Large response bodies.
+    send(&LoadSpec { path: format!("/bytes?n={size}"), workers: 2, ..LoadSpec::get(rig.web.addr, n_down) });
+    // Small ones in between.
+    send(&LoadSpec { method: "POST".into(), path: "/echo".into(), body: 10, ..LoadSpec::get(rig.web.addr, 100) });
+    let total = (2 * n_up + n_down + 100) as u64;
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), total, "{v}");
+    assert_eq!(count(&v, "responses_total"), total, "{v}");
+    assert!(count(&v, "rx_bytes_total") >= (2 * n_up * size) as u64, "{v}");
+    assert!(count(&v, "tx_bytes_total") >= (n_down * size) as u64, "{v}");
+    rig.assert_idle_untouched();
+}
+
+#[test]
+fn traffic_to_an_unwatched_port_counts_nowhere() {
+    let rig = Rig::start("unwatched");
+    let other = Sample::start(&rig.dir);
+    send(&LoadSpec { workers: 2, ..LoadSpec::get(other.addr, 1000) });
+    send(&LoadSpec::get(rig.web.addr, 7));
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), 7, "{v}");
+    rig.assert_idle_untouched();
+}
+
+/// A deterministic byte stream (xorshift), so a failure can be replayed.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn garbage_on_a_watched_port_counts_nothing_and_breaks_nothing() {
+    let mut rig = Rig::start("garbage");
+    let mut payloads: Vec<Vec<u8>> = (0..40).map(|i| noise(i + 1, 64 + 97 * i as usize)).collect();
+    // A TLS ClientHello start, an HTTP/2 preface, a lone method, a response sent by a client.
+    payloads.push(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage-hello".to_vec());
+    payloads.push(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec());
+    payloads.push(b"GET".to_vec());
+    payloads.push(b"HTTP/1.1 200 OK\r\n\r\n".to_vec());
+    for p in &payloads {
+        let mut s = TcpStream::connect(rig.web.addr).expect("connect");
+        let _ = s.write_all(p);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = std::io::Read::read_to_end(&mut s, &mut Vec::new());
+    }
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), 0, "{v}");
+    assert_eq!(count(&v, "responses_total"), 0, "{v}");
+    assert!(rig.agent.proc.is_running(), "the agent survived: {}", rig.agent.proc.log_tail());
+    // Real requests still count exactly afterwards.
+    send(&LoadSpec::get(rig.web.addr, 100));
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), 100, "{v}");
+}
+
+#[test]
+fn restarting_the_scaler_loses_no_counts() {
+    require_root();
+    let dir = scratch("scaler-restart");
+    let web = Sample::start(&dir);
+    let grpc_port = free_port();
+    let mut scaler = Scaler::start(&dir, grpc_port, &observe_flags(&web));
+    let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for("web", "first report", |v| v["reported"] == true);
+
+    send(&LoadSpec::get(web.addr, 700));
+    scaler.wait_for("web", "the first 700", |v| v["requests_total"] == 700);
+    scaler.proc.stop_with(libc::SIGKILL);
+    // While the scaler is away the agent keeps counting in the kernel.
+    send(&LoadSpec { keep_alive: false, ..LoadSpec::get(web.addr, 500) });
+    let scaler = Scaler::start(&dir, grpc_port, &observe_flags(&web));
+    let v = scaler.wait_for("web", "all 1200 after the restart", |v| v["requests_total"].as_u64() >= Some(1200));
+    scaler.wait_reports(3);
+    let v2 = scaler.service("web");
+    assert_eq!(count(&v2, "requests_total"), 1200, "{v} then {v2}");
+    assert!(agent.proc.log_tail().contains("connected to the scaler"));
+}
+
+#[test]
+fn restarting_the_agent_is_never_a_negative_rate() {
+    let mut rig = Rig::start("agent-restart");
+    send(&LoadSpec::get(rig.web.addr, 400));
+    rig.scaler.wait_for("web", "the first 400", |v| v["requests_total"] == 400);
+    rig.agent.proc.stop_with(libc::SIGTERM);
+    let agent = Agent::start(&rig.dir, &rig.scaler.grpc_url(), &[]);
+    // The new instance reports from zero: the scaler carries the old totals over.
+    rig.scaler.wait_for("web", "the new agent's first report", |v| v["resets"] == 1);
+    let load = std::thread::spawn({
+        let addr = rig.web.addr;
+        move || run(&LoadSpec { workers: 2, ..LoadSpec::get(addr, 600) })
+    });
+    let mut min_rate = f64::MAX;
+    let mut last_total = 0;
+    while !load.is_finished() {
+        let v = rig.scaler.service("web");
+        min_rate = min_rate.min(v["request_rate"].as_f64().unwrap_or(-1.0));
+        let total = count(&v, "requests_total");
+        assert!(total >= last_total, "the total went backwards: {last_total} then {total}");
+        last_total = total;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(load.join().expect("load").ok, 600);
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), 1000, "{v}");
+    assert!(min_rate >= 0.0, "a negative rate was reported: {min_rate}");
+    drop(agent);
+}
