@@ -6,7 +6,7 @@ use std::{fs::File, path::Path};
 
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use surge_common::{EndpointKey, ServiceCounters};
@@ -43,17 +43,19 @@ pub struct KernelProbe {
     // Keeps the programs and their links alive.
     _ebpf: Ebpf,
     watched: HashMap<MapData, EndpointKey, u32>,
+    cgroups: HashMap<MapData, u64, u32>,
     counters: PerCpuArray<MapData, ServiceCounters>,
 }
 
-const PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
     ("surge_skb_ingress", CgroupSkbAttachType::Ingress),
     ("surge_skb_egress", CgroupSkbAttachType::Egress),
 ];
 
 impl KernelProbe {
-    /// Loads the object with the kernel's BTF and attaches the cgroup_skb programs to
-    /// `cgroup_root`, beside any other programs already there.
+    /// Loads the object with the kernel's BTF and attaches every program: cgroup_skb and
+    /// sock_ops to `cgroup_root` (beside any other programs already there), the sched_switch
+    /// tracepoint.
     pub fn load(btf_path: &Path, cgroup_root: &Path) -> Result<Self, KernelError> {
         let btf = Btf::parse_file(btf_path, Default::default()).map_err(|source| KernelError::Btf {
             path: btf_path.display().to_string(),
@@ -64,29 +66,55 @@ impl KernelProbe {
             path: cgroup_root.display().to_string(),
             source,
         })?;
-        for (name, attach_type) in PROGRAMS {
-            let program: &mut CgroupSkb = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::MissingProgram { name })?
-                .try_into()
-                .map_err(|source| KernelError::Program { name, source })?;
-            program
-                .load()
-                .map_err(|source| KernelError::Program { name, source })?;
-            // aya attaches with a bpf_link (kernel ≥ 5.7), which the kernel requires to have no
-            // flags and which always coexists with other programs on the cgroup: `Single` is
-            // "no flags" there, not exclusivity.
-            program
-                .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+        // aya attaches to cgroups with a bpf_link (kernel ≥ 5.7), which the kernel requires to
+        // have no flags and which always coexists with other programs on the cgroup: `Single`
+        // is "no flags" there, not exclusivity.
+        for (name, attach_type) in SKB_PROGRAMS {
+            let skb: &mut CgroupSkb = loaded(&mut ebpf, name)?;
+            skb.attach(&cgroup, attach_type, CgroupAttachMode::Single)
                 .map_err(|source| KernelError::Program { name, source })?;
         }
+        let name = "surge_sock_ops";
+        let sock_ops: &mut SockOps = loaded(&mut ebpf, name)?;
+        sock_ops
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| KernelError::Program { name, source })?;
+        let name = "surge_sched_switch";
+        let switch: &mut TracePoint = loaded(&mut ebpf, name)?;
+        switch
+            .attach("sched", "sched_switch")
+            .map_err(|source| KernelError::Program { name, source })?;
+
         let watched = take_map(&mut ebpf, "WATCHED")?;
+        let cgroups = take_map(&mut ebpf, "CGROUPS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         Ok(Self {
             _ebpf: ebpf,
             watched,
+            cgroups,
             counters,
         })
+    }
+
+    /// Attributes a cgroup (by id) to a service.
+    pub fn watch_cgroup(&mut self, cgroup_id: u64, service_id: u32) -> Result<(), KernelError> {
+        self.cgroups
+            .insert(cgroup_id, service_id, 0)
+            .map_err(|source| KernelError::Map {
+                name: "CGROUPS",
+                source,
+            })
+    }
+
+    /// Stops attributing a cgroup.
+    pub fn unwatch_cgroup(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
+        match self.cgroups.remove(&cgroup_id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(KernelError::Map {
+                name: "CGROUPS",
+                source,
+            }),
+        }
     }
 
     /// Points an endpoint at a service id.
@@ -142,6 +170,39 @@ impl KernelProbe {
     }
 }
 
+/// The program `name` of the object, as type `P`, loaded into the kernel.
+fn loaded<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, KernelError>
+where
+    P: ProgramLoad,
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program: &mut P = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| KernelError::Program { name, source })?;
+    program
+        .load_program()
+        .map_err(|source| KernelError::Program { name, source })?;
+    Ok(program)
+}
+
+/// The `load` every program type has, under one name.
+trait ProgramLoad {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+macro_rules! program_load {
+    ($($t:ty),*) => {$(
+        impl ProgramLoad for $t {
+            fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+                self.load()
+            }
+        }
+    )*};
+}
+program_load!(CgroupSkb, SockOps, TracePoint);
+
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -165,6 +226,10 @@ pub fn sum<'a>(copies: impl Iterator<Item = &'a ServiceCounters>) -> ServiceCoun
         }
         total.rx_bytes = total.rx_bytes.wrapping_add(c.rx_bytes);
         total.tx_bytes = total.tx_bytes.wrapping_add(c.tx_bytes);
+        total.cpu_ns = total.cpu_ns.wrapping_add(c.cpu_ns);
+        total.connections_opened = total.connections_opened.wrapping_add(c.connections_opened);
+        total.connections_closed = total.connections_closed.wrapping_add(c.connections_closed);
+        total.tls_connections = total.tls_connections.wrapping_add(c.tls_connections);
     }
     total
 }

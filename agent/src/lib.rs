@@ -2,6 +2,7 @@
 
 pub mod attribution;
 pub mod backoff;
+pub mod cgroups;
 pub mod clock;
 pub mod config;
 pub mod kernel;

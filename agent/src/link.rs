@@ -135,7 +135,7 @@ async fn read_report(
     let node = Arc::clone(node);
     let clock2 = Arc::clone(clock);
     let (monotonic_ns, services) = tokio::task::spawn_blocking(move || {
-        let node = node.lock().map_err(|e| e.to_string())?;
+        let mut node = node.lock().map_err(|e| e.to_string())?;
         node.read_all(|| clock2.monotonic_ns()).map_err(|e| e.to_string())
     })
     .await

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     match run(args) {
@@ -52,7 +53,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let probe = KernelProbe::load(&env.btf, &env.cgroup_root)?;
     tracing::info!(cgroup = %env.cgroup_root.display(), node = %settings.node, "eBPF programs attached");
-    let node = Arc::new(Mutex::new(Node::new(probe)));
+    let node = Arc::new(Mutex::new(Node::new(probe, env.cgroup_root.clone())));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -5,7 +5,7 @@ use surge_common::ServiceCounters;
 use surge_proto::v1::ServiceCounters as WireCounters;
 
 /// The wire counters of one service, read at `now_ns` (CLOCK_MONOTONIC, the kernel's clock).
-pub fn to_wire(service: &str, c: &ServiceCounters, now_ns: u64) -> WireCounters {
+pub fn to_wire(service: &str, c: &ServiceCounters, memory_bytes: u64, now_ns: u64) -> WireCounters {
     let in_flight = c.inflight_sign_sum;
     // A(T) = T·C − S: the integral of in-flight requests up to T, in request-nanoseconds.
     let integral_ns = now_ns as i128 * in_flight as i128 - c.inflight_time_sum as i128;
@@ -19,6 +19,11 @@ pub fn to_wire(service: &str, c: &ServiceCounters, now_ns: u64) -> WireCounters 
         latency_buckets: c.latency_buckets.to_vec(),
         rx_bytes: c.rx_bytes,
         tx_bytes: c.tx_bytes,
+        cpu_seconds: c.cpu_ns as f64 / 1e9,
+        memory_bytes,
+        connections_opened: c.connections_opened,
+        connections_closed: c.connections_closed,
+        tls_connections: c.tls_connections,
     }
 }
 
@@ -36,7 +41,7 @@ mod tests {
             inflight_time_sum: 1_000_000_000 - 3_000_000_000 + 4_000_000_000,
             ..Default::default()
         };
-        let w = to_wire("web", &c, 10_000_000_000);
+        let w = to_wire("web", &c, 0, 10_000_000_000);
         assert_eq!(w.in_flight, 1);
         // 2 s finished + 6 s open so far.
         assert!(

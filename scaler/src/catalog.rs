@@ -18,6 +18,9 @@ pub enum Mode {
 pub struct ServiceSpec {
     pub name: String,
     pub endpoints: Vec<SocketAddr>,
+    /// cgroup v2 directories of the service's processes (absolute, or relative to the cgroup
+    /// root on each node): CPU and memory are measured for them and their descendants.
+    pub cgroups: Vec<String>,
     pub mode: Mode,
 }
 
@@ -71,6 +74,7 @@ fn watch_set(specs: &[ServiceSpec], generation: u64) -> WatchSet {
                         port: e.port() as u32,
                     })
                     .collect(),
+                cgroups: s.cgroups.clone(),
             })
             .collect(),
     }
@@ -88,6 +92,7 @@ mod tests {
         c.replace(vec![ServiceSpec {
             name: "web".into(),
             endpoints: vec!["127.0.0.1:8080".parse().expect("literal")],
+            cgroups: vec![],
             mode: Mode::Observe,
         }]);
         let set = rx.borrow().clone();

@@ -57,6 +57,8 @@ struct FileService {
     name: String,
     #[serde(default)]
     endpoints: Vec<String>,
+    #[serde(default)]
+    cgroups: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,7 +106,9 @@ impl Settings {
 
         let mut services = Vec::new();
         for (i, s) in file.services.iter().enumerate() {
-            services.push(service(&format!("services[{i}]"), &s.name, &s.endpoints).map_err(in_file)?);
+            services.push(
+                service(&format!("services[{i}]"), &s.name, &s.endpoints, &s.cgroups).map_err(in_file)?,
+            );
         }
         for flag in &args.observe {
             let (name, eps) = flag.split_once('=').ok_or_else(|| ConfigError::Invalid {
@@ -113,7 +117,7 @@ impl Settings {
                 message: "must be NAME=ENDPOINT[,ENDPOINT...] (e.g. web=127.0.0.1:8080)".into(),
             })?;
             let eps: Vec<String> = eps.split(',').map(str::to_string).collect();
-            services.push(service("--observe", name, &eps)?);
+            services.push(service("--observe", name, &eps, &[])?);
         }
         let mut seen = HashSet::new();
         for s in &services {
@@ -144,7 +148,12 @@ fn valid_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
-fn service(field: &str, name: &str, endpoints: &[String]) -> Result<ServiceSpec, ConfigError> {
+fn service(
+    field: &str,
+    name: &str,
+    endpoints: &[String],
+    cgroups: &[String],
+) -> Result<ServiceSpec, ConfigError> {
     if !valid_name(name) {
         return Err(ConfigError::Invalid {
             field: format!("{field}.name"),
@@ -169,9 +178,21 @@ fn service(field: &str, name: &str, endpoints: &[String]) -> Result<ServiceSpec,
             message: "must be IP:PORT, [IPv6]:PORT, or :PORT for any local address, with a port from 1 to 65535".into(),
         })?);
     }
+    for (j, c) in cgroups.iter().enumerate() {
+        if c.is_empty() || c.split('/').any(|part| part == "..") {
+            return Err(ConfigError::Invalid {
+                field: format!("{field}.cgroups[{j}]"),
+                value: c.clone(),
+                message:
+                    "must be a cgroup v2 directory, absolute or relative to the cgroup root, without '..'"
+                        .into(),
+            });
+        }
+    }
     Ok(ServiceSpec {
         name: name.into(),
         endpoints: parsed,
+        cgroups: cgroups.to_vec(),
         mode: Mode::Observe,
     })
 }

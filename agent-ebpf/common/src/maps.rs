@@ -8,6 +8,13 @@ pub const MAX_SERVICES: u32 = 256;
 pub const MAX_ENDPOINTS: u32 = 16384;
 /// How many tracked TCP connections (by 4-tuple) the kernel keeps state for (LRU).
 pub const MAX_CONNECTIONS: u32 = 262_144;
+/// How many cgroups (a service's replicas and their descendants) can be attributed.
+pub const MAX_CGROUPS: u32 = 16384;
+
+/// `ConnState::flags`: the connection's first payload has been seen.
+pub const CONN_SEEN_PAYLOAD: u32 = 1;
+/// `ConnState::flags`: the connection carries TLS; its requests cannot be seen.
+pub const CONN_TLS: u32 = 2;
 
 /// A local endpoint a service listens on. IPv4 addresses are stored IPv4-mapped
 /// (`::ffff:a.b.c.d`); the all-zero address with a port matches any local address on that port.
@@ -68,6 +75,10 @@ pub struct ConnState {
     pub responses_seen: u32,
     /// The service this connection's local endpoint belongs to.
     pub service_id: u32,
+    /// `CONN_*` bits.
+    pub flags: u32,
+    /// Explicit padding to a multiple of 8 bytes.
+    pub _pad: u32,
 }
 
 /// Cumulative per-service counters, one copy per CPU; the agent sums the copies. Counters only
@@ -92,6 +103,13 @@ pub struct ServiceCounters {
     pub rx_bytes: u64,
     /// TCP payload bytes sent by the service.
     pub tx_bytes: u64,
+    /// Nanoseconds on CPU of the tasks in the service's cgroups (sched_switch).
+    pub cpu_ns: u64,
+    /// Connections accepted (established, server side) and closed (sock_ops).
+    pub connections_opened: u64,
+    pub connections_closed: u64,
+    /// Connections whose first bytes were a TLS handshake: their requests cannot be counted.
+    pub tls_connections: u64,
 }
 
 #[cfg(feature = "user")]
@@ -115,6 +133,10 @@ impl Default for ServiceCounters {
             latency_buckets: [0; LATENCY_BUCKETS],
             rx_bytes: 0,
             tx_bytes: 0,
+            cpu_ns: 0,
+            connections_opened: 0,
+            connections_closed: 0,
+            tls_connections: 0,
         }
     }
 }

@@ -16,6 +16,7 @@ fn set(services: &[(&str, &[(&str, u32)])]) -> WatchSet {
                         port: *port,
                     })
                     .collect(),
+                cgroups: vec![],
             })
             .collect(),
     }

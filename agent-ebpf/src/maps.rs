@@ -1,0 +1,50 @@
+//! Every map of the kernel programs, and the lookups they share.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use surge_common::{
+    ConnKey, ConnState, EndpointKey, ServiceCounters, MAX_CGROUPS, MAX_CONNECTIONS, MAX_ENDPOINTS,
+    MAX_SERVICES,
+};
+
+/// Watched local endpoints → service id. Written by the agent.
+#[map(name = "WATCHED")]
+pub static WATCHED: HashMap<EndpointKey, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// Watched cgroup ids → service id. Written by the agent.
+#[map(name = "CGROUPS")]
+pub static CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_CGROUPS, 0);
+
+/// Per-service cumulative counters, indexed by service id, one copy per CPU.
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<ServiceCounters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+/// HTTP state of each watched connection, by 4-tuple from the server's side.
+#[map(name = "CONNS")]
+pub static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// When this CPU last switched tasks (bpf_ktime_get_ns).
+#[map(name = "LAST_SWITCH")]
+pub static LAST_SWITCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The service a local endpoint belongs to: the exact address first, then any address.
+#[inline(always)]
+pub fn service_of(local_addr: [u8; 16], local_port: u16) -> Option<u32> {
+    // SAFETY: values are plain u32s copied out at once.
+    unsafe {
+        if let Some(id) = WATCHED.get(&EndpointKey::new(local_addr, local_port)) {
+            return Some(*id);
+        }
+        WATCHED.get(&EndpointKey::any(local_port)).copied()
+    }
+}
+
+/// This CPU's copy of a service's counters.
+#[inline(always)]
+pub fn counters_of(service_id: u32) -> Option<&'static mut ServiceCounters> {
+    // SAFETY: a pointer to this CPU's copy of a map value, valid while the program runs; per-CPU
+    // copies are only ever changed with atomic adds.
+    COUNTERS.get_ptr_mut(service_id).map(|p| unsafe { &mut *p })
+}
