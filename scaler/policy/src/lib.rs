@@ -1,1 +1,17 @@
-//! Surge's policy core (see the crate description).
+//! Surge's policy core: a policy, observations and a clock in; a desired replica count with its reason out.
+//!
+//! Nothing here reads a clock, a file or the process environment: time is a [`Timestamp`]
+//! parameter, files arrive as text, the environment through [`env::EnvSource`].
+
+pub mod annotations;
+pub mod config;
+pub mod knative;
+pub mod metric;
+pub mod spec;
+pub mod time;
+pub mod validate;
+
+pub use config::{Algorithm, Defaults, Policy};
+pub use metric::{Metric, MetricType};
+pub use time::Timestamp;
+pub use validate::{parse_policy, PolicyError, ValidationError, ValidationErrors};
