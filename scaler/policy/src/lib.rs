@@ -5,11 +5,14 @@
 
 pub mod annotations;
 pub mod config;
+pub mod decision;
 pub mod knative;
+pub mod kpa;
 pub mod metric;
 pub mod spec;
 pub mod time;
 pub mod validate;
+pub mod window;
 
 pub use config::{Algorithm, Defaults, Policy};
 pub use metric::{Metric, MetricType};
