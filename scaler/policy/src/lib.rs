@@ -6,6 +6,7 @@
 pub mod annotations;
 pub mod config;
 pub mod decision;
+pub mod hpa;
 pub mod knative;
 pub mod kpa;
 pub mod metric;
