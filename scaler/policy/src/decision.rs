@@ -134,17 +134,17 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// Applies a limit: records a step when it changes `value`.
-    pub fn limit(&mut self, limit: Limit, value: &mut u32, new: u32) {
-        if new != *value {
+    /// Applies a limit that turns `value` into `new`: records a step when they differ.
+    pub fn clip(&mut self, limit: Limit, value: u32, new: u32) -> u32 {
+        if new != value {
             self.steps.push(Step {
                 limit,
-                before: *value,
+                before: value,
                 after: new,
             });
             self.clipped_by = Some(limit);
-            *value = new;
         }
+        new
     }
 }
 

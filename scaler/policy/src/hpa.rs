@@ -82,7 +82,7 @@ impl HpaState {
             Limit::ScaleDownStabilization
         };
         let mut v = desired;
-        d.limit(limit, &mut v, rec);
+        v = d.clip(limit, v, rec);
         v
     }
 
@@ -99,12 +99,12 @@ impl HpaState {
         let mut v = desired;
         if desired > current {
             let limit = self.scale_up_limit(&b.scale_up, now, current).max(current);
-            d.limit(Limit::ScaleUpPolicy, &mut v, desired.min(limit));
+            v = d.clip(Limit::ScaleUpPolicy, v, desired.min(limit));
         } else if desired < current {
             let limit = self
                 .scale_down_limit(&b.scale_down, now, current)
                 .min(current);
-            d.limit(Limit::ScaleDownPolicy, &mut v, desired.max(limit));
+            v = d.clip(Limit::ScaleDownPolicy, v, desired.max(limit));
         }
         v
     }

@@ -77,14 +77,14 @@ impl KpaState {
         } else {
             Limit::MaxScaleDownRate
         };
-        d.limit(limit, &mut desired, clip(want));
+        desired = d.clip(limit, desired, clip(want));
         if self.panicking() {
             self.max_panic_pods = self.max_panic_pods.max(desired);
-            d.limit(Limit::PanicHold, &mut desired, self.max_panic_pods);
+            desired = d.clip(Limit::PanicHold, desired, self.max_panic_pods);
         }
         if !cfg.scale_down_delay.is_zero() {
             let delayed = self.delay.observe(now, desired, cfg.scale_down_delay);
-            d.limit(Limit::ScaleDownDelay, &mut desired, delayed);
+            desired = d.clip(Limit::ScaleDownDelay, desired, delayed);
         }
         desired
     }

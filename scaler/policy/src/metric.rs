@@ -68,11 +68,13 @@ impl Metric {
     }
 
     /// The metric type users mean when they do not say: utilization for CPU and memory, a
-    /// per-replica average for traffic, a plain value for latency and external metrics.
+    /// plain value for latency, and KEDA's default (a per-replica average) for the rest.
     pub fn default_type(&self) -> MetricType {
         match self {
             Metric::Cpu | Metric::Memory => MetricType::Utilization,
-            Metric::Rps | Metric::Concurrency | Metric::HeldConnections => MetricType::AverageValue,
+            Metric::Rps | Metric::Concurrency | Metric::HeldConnections | Metric::External(_) => {
+                MetricType::AverageValue
+            }
             _ => MetricType::Value,
         }
     }
