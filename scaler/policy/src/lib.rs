@@ -14,9 +14,11 @@ pub mod knative;
 pub mod kpa;
 pub mod metric;
 pub mod rules;
+pub mod simulate;
 pub mod spec;
 pub mod store;
 pub mod time;
+pub mod trace;
 pub mod validate;
 pub mod window;
 
