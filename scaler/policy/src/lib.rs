@@ -13,6 +13,8 @@ pub mod hpa;
 pub mod knative;
 pub mod kpa;
 pub mod metric;
+#[cfg(feature = "cli")]
+pub mod plot;
 pub mod rules;
 pub mod simulate;
 pub mod spec;
