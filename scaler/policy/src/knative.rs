@@ -278,3 +278,34 @@ fn duration_at_least(field: &str, text: &str, lo: Duration) -> Result<Duration, 
     }
     Ok(d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_config_map_uses_the_same_keys() {
+        let (cfg, over) = from_map([
+            ("stable-window", "40s"),
+            ("panic-threshold-percentage", "150.0"),
+            ("max-scale", "0"),
+        ])
+        .expect("valid");
+        assert_eq!(cfg.stable_window, Duration::from_secs(40));
+        assert_eq!(cfg.panic_threshold_percentage, 150.0);
+        assert_eq!(over.max_scale, Some(0));
+        let errs = from_map([
+            ("panic-threshold-percentage", "90"),
+            ("max-scale-up-rate", "0.5"),
+        ])
+        .expect_err("invalid");
+        let msgs: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            msgs,
+            [
+                "panic-threshold-percentage = 90, must be between 110 and 1000",
+                "max-scale-up-rate = 0.5, must be greater than 1",
+            ]
+        );
+    }
+}
