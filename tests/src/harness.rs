@@ -17,7 +17,10 @@ use crate::http_client::get_text;
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "these tests load eBPF programs and need root: run them as root (CI does)");
+    assert_eq!(
+        euid, 0,
+        "these tests load eBPF programs and need root: run them as root (CI does)"
+    );
 }
 
 /// A loopback port nobody listens on right now.
@@ -38,7 +41,11 @@ fn target_dir() -> PathBuf {
 /// A program of the workspace built by `cargo build --release`.
 pub fn bin(name: &str) -> PathBuf {
     let p = target_dir().join("release").join(name);
-    assert!(p.exists(), "{} is missing: run `cargo build --release` first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --release` first",
+        p.display()
+    );
     p
 }
 
@@ -69,7 +76,11 @@ impl Proc {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
-        Self { child: Some(child), log, name: name.to_string() }
+        Self {
+            child: Some(child),
+            log,
+            name: name.to_string(),
+        }
     }
 
     /// The last lines of the log, for failure messages.
@@ -100,7 +111,9 @@ impl Proc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn name(&self) -> &str {
@@ -118,8 +131,18 @@ impl Drop for Proc {
 pub fn wait_listening(addr: SocketAddr, proc: &mut Proc) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(proc.is_running(), "{} exited early:\n{}", proc.name(), proc.log_tail());
-        assert!(Instant::now() < deadline, "{} never listened on {addr}:\n{}", proc.name(), proc.log_tail());
+        assert!(
+            proc.is_running(),
+            "{} exited early:\n{}",
+            proc.name(),
+            proc.log_tail()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened on {addr}:\n{}",
+            proc.name(),
+            proc.log_tail()
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -156,9 +179,19 @@ impl Scaler {
     pub fn start(dir: &Path, grpc_port: u16, extra: &[String]) -> Self {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
         let grpc: SocketAddr = format!("127.0.0.1:{grpc_port}").parse().expect("address");
-        let mut args = vec!["--http-listen".into(), http.to_string(), "--grpc-listen".into(), grpc.to_string()];
+        let mut args = vec![
+            "--http-listen".into(),
+            http.to_string(),
+            "--grpc-listen".into(),
+            grpc.to_string(),
+        ];
         args.extend_from_slice(extra);
-        let mut proc = Proc::spawn(&format!("scaler-{}", http.port()), &bin("surge-scaler"), &args, dir);
+        let mut proc = Proc::spawn(
+            &format!("scaler-{}", http.port()),
+            &bin("surge-scaler"),
+            &args,
+            dir,
+        );
         wait_listening(http, &mut proc);
         wait_listening(grpc, &mut proc);
         Self { proc, http, grpc }
@@ -186,7 +219,10 @@ impl Scaler {
 
     /// Reports received from all agents so far.
     pub fn reports(&self) -> u64 {
-        self.services()["nodes"].as_array().map(|n| n.iter().filter_map(|x| x["reports"].as_u64()).sum()).unwrap_or(0)
+        self.services()["nodes"]
+            .as_array()
+            .map(|n| n.iter().filter_map(|x| x["reports"].as_u64()).sum())
+            .unwrap_or(0)
     }
 
     /// Waits until `pred` holds for the service, or fails with the last value seen.
@@ -197,7 +233,11 @@ impl Scaler {
             if pred(&v) {
                 return v;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {name}: {what}; last: {v}\n{}", self.proc.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {name}: {what}; last: {v}\n{}",
+                self.proc.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -208,7 +248,11 @@ impl Scaler {
         let start = self.reports();
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.reports() < start + n {
-            assert!(Instant::now() < deadline, "agents stopped reporting\n{}", self.proc.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "agents stopped reporting\n{}",
+                self.proc.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -221,16 +265,27 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path, scaler_url: &str, extra: &[String]) -> Self {
-        let mut args = vec!["--scaler".into(), scaler_url.to_string(), "--report-interval".into(), "100ms".into()];
+        let mut args = vec![
+            "--scaler".into(),
+            scaler_url.to_string(),
+            "--report-interval".into(),
+            "100ms".into(),
+        ];
         args.extend_from_slice(extra);
         let name = format!("agent-{}", free_port());
-        Self { proc: Proc::spawn(&name, &bin("surge-agent"), &args, dir) }
+        Self {
+            proc: Proc::spawn(&name, &bin("surge-agent"), &args, dir),
+        }
     }
 }
 
 /// Runs a program to completion and returns (exit code, stdout, stderr).
 pub fn run_to_end(program: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(program).args(args).stdin(Stdio::null()).output().expect("runs");
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

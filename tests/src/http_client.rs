@@ -32,11 +32,19 @@ impl Connection {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         stream.set_nodelay(true)?;
-        Ok(Self { reader: BufReader::new(stream) })
+        Ok(Self {
+            reader: BufReader::new(stream),
+        })
     }
 
     /// Sends one request and reads its response. `close` asks the server to close afterwards.
-    pub fn request(&mut self, method: &str, path: &str, body: &[u8], close: bool) -> Result<Response, HttpError> {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        close: bool,
+    ) -> Result<Response, HttpError> {
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: surge-test\r\nUser-Agent: surge-tests\r\n");
         if !body.is_empty() || method == "POST" {
             head.push_str(&format!("Content-Length: {}\r\n", body.len()));

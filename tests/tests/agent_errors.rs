@@ -35,7 +35,13 @@ fn without_root_it_says_which_privileges_it_needs() {
     let copy_arg = copy.display().to_string();
     let (code, _out, err) = run_to_end(
         Path::new("/usr/bin/setpriv"),
-        &["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", &copy_arg],
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            &copy_arg,
+        ],
     );
     assert_eq!(code, 1, "{err}");
     assert_eq!(
@@ -97,11 +103,20 @@ fn when_tracefs_cannot_be_mounted_it_says_how_to_mount_it() {
 #[test]
 fn bad_flags_and_files_name_the_field() {
     let (code, err) = agent(&["--report-interval", "10ms"]);
-    assert_eq!((code, err.as_str()), (1, "surge-agent: report-interval = 10ms, must be between 100ms and 60s"));
+    assert_eq!(
+        (code, err.as_str()),
+        (
+            1,
+            "surge-agent: report-interval = 10ms, must be between 100ms and 60s"
+        )
+    );
 
     let (code, err) = agent(&["--report-interval", "soon"]);
     assert_eq!(code, 2, "clap's usage error: {err}");
-    assert!(err.starts_with("error: invalid value 'soon' for '--report-interval <REPORT_INTERVAL>'"), "{err}");
+    assert!(
+        err.starts_with("error: invalid value 'soon' for '--report-interval <REPORT_INTERVAL>'"),
+        "{err}"
+    );
 
     let dir = scratch("badconfig");
     let file = dir.join("agent.yaml");
@@ -110,14 +125,19 @@ fn bad_flags_and_files_name_the_field() {
     let (code, err) = agent(&["--config", &file_arg]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.starts_with(&format!("surge-agent: config file {file_arg}: unknown field `report_intervall`, expected one of")),
+        err.starts_with(&format!(
+            "surge-agent: config file {file_arg}: unknown field `report_intervall`, expected one of"
+        )),
         "{err}"
     );
 
     let (code, err) = agent(&["--config", "/nonexistent/agent.yaml"]);
     assert_eq!(
         (code, err.as_str()),
-        (1, "surge-agent: config file /nonexistent/agent.yaml: No such file or directory (os error 2)")
+        (
+            1,
+            "surge-agent: config file /nonexistent/agent.yaml: No such file or directory (os error 2)"
+        )
     );
 }
 

@@ -24,9 +24,16 @@ impl Rig {
         let web = Sample::start(&dir);
         let scaler = Scaler::start(&dir, free_port(), &observe_flags(&web));
         let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-        let rig = Self { web, scaler, agent, dir };
-        rig.scaler.wait_for("web", "first report", |v| v["reported"] == true);
-        rig.scaler.wait_for("idle", "first report", |v| v["reported"] == true);
+        let rig = Self {
+            web,
+            scaler,
+            agent,
+            dir,
+        };
+        rig.scaler
+            .wait_for("web", "first report", |v| v["reported"] == true);
+        rig.scaler
+            .wait_for("idle", "first report", |v| v["reported"] == true);
         rig
     }
 
@@ -54,7 +61,12 @@ fn observe_flags(web: &Sample) -> Vec<String> {
 
 fn send(spec: &LoadSpec) {
     let r = run(spec);
-    assert_eq!(r.ok, spec.requests, "every request is answered: {:?}", &r.errors[..r.errors.len().min(5)]);
+    assert_eq!(
+        r.ok,
+        spec.requests,
+        "every request is answered: {:?}",
+        &r.errors[..r.errors.len().min(5)]
+    );
 }
 
 fn count(v: &Value, field: &str) -> u64 {
@@ -65,7 +77,10 @@ fn count(v: &Value, field: &str) -> u64 {
 fn keep_alive_requests_are_counted_exactly() {
     let rig = Rig::start("keepalive");
     let n = 3000;
-    send(&LoadSpec { workers: 4, ..LoadSpec::get(rig.web.addr, n) });
+    send(&LoadSpec {
+        workers: 4,
+        ..LoadSpec::get(rig.web.addr, n)
+    });
     let v = rig.settled();
     assert_eq!(count(&v, "requests_total"), n as u64, "{v}");
     assert_eq!(count(&v, "responses_total"), n as u64, "{v}");
@@ -77,7 +92,11 @@ fn keep_alive_requests_are_counted_exactly() {
 fn a_new_connection_per_request_is_counted_exactly() {
     let rig = Rig::start("newconn");
     let n = 2000;
-    send(&LoadSpec { workers: 4, keep_alive: false, ..LoadSpec::get(rig.web.addr, n) });
+    send(&LoadSpec {
+        workers: 4,
+        keep_alive: false,
+        ..LoadSpec::get(rig.web.addr, n)
+    });
     let v = rig.settled();
     assert_eq!(count(&v, "requests_total"), n as u64, "{v}");
     assert_eq!(count(&v, "responses_total"), n as u64, "{v}");
@@ -90,13 +109,31 @@ fn bodies_that_span_many_segments_count_once() {
     let rig = Rig::start("bodies");
     let (n_up, n_down, size) = (300, 300, 256 * 1024);
     // Large request bodies, over keep-alive and over fresh connections.
-    let upload = LoadSpec { method: "POST".into(), path: "/echo".into(), body: size, workers: 2, ..LoadSpec::get(rig.web.addr, n_up) };
+    let upload = LoadSpec {
+        method: "POST".into(),
+        path: "/echo".into(),
+        body: size,
+        workers: 2,
+        ..LoadSpec::get(rig.web.addr, n_up)
+    };
     send(&upload);
-    send(&LoadSpec { keep_alive: false, ..upload.clone() });
+    send(&LoadSpec {
+        keep_alive: false,
+        ..upload.clone()
+    });
     // Large response bodies.
-    send(&LoadSpec { path: format!("/bytes?n={size}"), workers: 2, ..LoadSpec::get(rig.web.addr, n_down) });
+    send(&LoadSpec {
+        path: format!("/bytes?n={size}"),
+        workers: 2,
+        ..LoadSpec::get(rig.web.addr, n_down)
+    });
     // Small ones in between.
-    send(&LoadSpec { method: "POST".into(), path: "/echo".into(), body: 10, ..LoadSpec::get(rig.web.addr, 100) });
+    send(&LoadSpec {
+        method: "POST".into(),
+        path: "/echo".into(),
+        body: 10,
+        ..LoadSpec::get(rig.web.addr, 100)
+    });
     let total = (2 * n_up + n_down + 100) as u64;
     let v = rig.settled();
     assert_eq!(count(&v, "requests_total"), total, "{v}");
@@ -110,7 +147,10 @@ fn bodies_that_span_many_segments_count_once() {
 fn traffic_to_an_unwatched_port_counts_nowhere() {
     let rig = Rig::start("unwatched");
     let other = Sample::start(&rig.dir);
-    send(&LoadSpec { workers: 2, ..LoadSpec::get(other.addr, 1000) });
+    send(&LoadSpec {
+        workers: 2,
+        ..LoadSpec::get(other.addr, 1000)
+    });
     send(&LoadSpec::get(rig.web.addr, 7));
     let v = rig.settled();
     assert_eq!(count(&v, "requests_total"), 7, "{v}");
@@ -149,7 +189,11 @@ fn garbage_on_a_watched_port_counts_nothing_and_breaks_nothing() {
     let v = rig.settled();
     assert_eq!(count(&v, "requests_total"), 0, "{v}");
     assert_eq!(count(&v, "responses_total"), 0, "{v}");
-    assert!(rig.agent.proc.is_running(), "the agent survived: {}", rig.agent.proc.log_tail());
+    assert!(
+        rig.agent.proc.is_running(),
+        "the agent survived: {}",
+        rig.agent.proc.log_tail()
+    );
     // Real requests still count exactly afterwards.
     send(&LoadSpec::get(rig.web.addr, 100));
     let v = rig.settled();
@@ -170,9 +214,14 @@ fn restarting_the_scaler_loses_no_counts() {
     scaler.wait_for("web", "the first 700", |v| v["requests_total"] == 700);
     scaler.proc.stop_with(libc::SIGKILL);
     // While the scaler is away the agent keeps counting in the kernel.
-    send(&LoadSpec { keep_alive: false, ..LoadSpec::get(web.addr, 500) });
+    send(&LoadSpec {
+        keep_alive: false,
+        ..LoadSpec::get(web.addr, 500)
+    });
     let scaler = Scaler::start(&dir, grpc_port, &observe_flags(&web));
-    let v = scaler.wait_for("web", "all 1200 after the restart", |v| v["requests_total"].as_u64() >= Some(1200));
+    let v = scaler.wait_for("web", "all 1200 after the restart", |v| {
+        v["requests_total"].as_u64() >= Some(1200)
+    });
     scaler.wait_reports(3);
     let v2 = scaler.service("web");
     assert_eq!(count(&v2, "requests_total"), 1200, "{v} then {v2}");
@@ -183,14 +232,21 @@ fn restarting_the_scaler_loses_no_counts() {
 fn restarting_the_agent_is_never_a_negative_rate() {
     let mut rig = Rig::start("agent-restart");
     send(&LoadSpec::get(rig.web.addr, 400));
-    rig.scaler.wait_for("web", "the first 400", |v| v["requests_total"] == 400);
+    rig.scaler
+        .wait_for("web", "the first 400", |v| v["requests_total"] == 400);
     rig.agent.proc.stop_with(libc::SIGTERM);
     let agent = Agent::start(&rig.dir, &rig.scaler.grpc_url(), &[]);
     // The new instance reports from zero: the scaler carries the old totals over.
-    rig.scaler.wait_for("web", "the new agent's first report", |v| v["resets"] == 1);
+    rig.scaler
+        .wait_for("web", "the new agent's first report", |v| v["resets"] == 1);
     let load = std::thread::spawn({
         let addr = rig.web.addr;
-        move || run(&LoadSpec { workers: 2, ..LoadSpec::get(addr, 600) })
+        move || {
+            run(&LoadSpec {
+                workers: 2,
+                ..LoadSpec::get(addr, 600)
+            })
+        }
     });
     let mut min_rate = f64::MAX;
     let mut last_total = 0;
@@ -198,7 +254,10 @@ fn restarting_the_agent_is_never_a_negative_rate() {
         let v = rig.scaler.service("web");
         min_rate = min_rate.min(v["request_rate"].as_f64().unwrap_or(-1.0));
         let total = count(&v, "requests_total");
-        assert!(total >= last_total, "the total went backwards: {last_total} then {total}");
+        assert!(
+            total >= last_total,
+            "the total went backwards: {last_total} then {total}"
+        );
         last_total = total;
         std::thread::sleep(Duration::from_millis(20));
     }

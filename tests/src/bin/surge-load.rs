@@ -33,7 +33,10 @@ fn main() -> ExitCode {
         ..LoadSpec::get(a.target, a.requests)
     };
     let r = run(&spec);
-    println!("sent {} requests: {} answered, {} failed", a.requests, r.ok, r.failed);
+    println!(
+        "sent {} requests: {} answered, {} failed",
+        a.requests, r.ok, r.failed
+    );
     if r.failed == 0 {
         ExitCode::SUCCESS
     } else {

@@ -50,7 +50,10 @@ async fn main() -> anyhow::Result<()> {
             }),
         )
         .route("/bytes", get(|Query(q): Query<N>| async move { vec![b'x'; q.n] }))
-        .route("/echo", post(|body: Bytes| async move { format!("{}\n", body.len()) }));
+        .route(
+            "/echo",
+            post(|body: Bytes| async move { format!("{}\n", body.len()) }),
+        );
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
     axum::serve(listener, app).await?;
@@ -70,7 +73,10 @@ fn burn(d: Duration) {
 }
 
 fn cpu_time() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: writes into a timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
