@@ -154,3 +154,6 @@ impl ExternalScaler for ExternalScalerService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests;
