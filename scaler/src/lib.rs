@@ -12,4 +12,6 @@ pub mod latency;
 pub mod metrics;
 pub mod state;
 pub mod subscribe;
+#[cfg(test)]
+mod test_support;
 pub mod view;

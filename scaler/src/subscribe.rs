@@ -36,6 +36,7 @@ impl MetricsService {
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<MetricsUpdate, Status>> + Send>>;
 
 /// One service's figures on the wire.
+// TODO(issue 7): CPU, memory and held connections (new ServiceMetrics fields) once ingest has them.
 pub fn service_metrics(v: &ServiceView) -> ServiceMetrics {
     let f = &v.figures;
     ServiceMetrics {

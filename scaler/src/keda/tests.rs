@@ -1,33 +1,18 @@
-use std::{sync::Mutex, time::Duration};
+use std::time::Duration;
 
 use surge_proto::v1::{Report, ServiceCounters};
 use tokio_stream::StreamExt;
 
 use super::*;
 use crate::{
-    catalog::{Catalog, Mode, ServiceSpec},
     clock::Clock,
+    test_support::{catalog, Manual},
 };
-
-/// A clock the test moves by hand.
-#[derive(Default)]
-struct Manual(Mutex<Duration>);
-
-impl Clock for Manual {
-    fn now(&self) -> Duration {
-        *self.0.lock().expect("clock")
-    }
-}
 
 fn rig() -> (Arc<Shared>, Arc<Manual>) {
     let clock = Arc::new(Manual::default());
-    let catalog = Catalog::new(vec![ServiceSpec {
-        name: "web".into(),
-        endpoints: vec!["127.0.0.1:8080".parse().expect("literal")],
-        mode: Mode::Observe,
-    }]);
     let shared = Arc::new(Shared::new(
-        catalog,
+        catalog(&["web=127.0.0.1:8080"]),
         Arc::clone(&clock) as Arc<dyn Clock>,
         Duration::from_secs(10),
     ));
@@ -38,17 +23,17 @@ fn rig() -> (Arc<Shared>, Arc<Manual>) {
 /// The agent reports `requests` (cumulative) at `s` seconds; ingest merges it and tells the feed.
 fn report(shared: &Shared, clock: &Manual, s: u64, requests: u64) {
     let now = Duration::from_secs(s);
-    *clock.0.lock().expect("clock") = now;
+    clock.set(now);
     let r = Report {
         seq: s,
         monotonic_ns: s * 1_000_000_000,
-        unix_ms: 0,
         services: vec![ServiceCounters {
             service: "web".into(),
             requests,
             responses: requests,
             ..Default::default()
         }],
+        ..Default::default()
     };
     shared.ingest().record("n1", 1, &r, now);
     shared.feed.publish(now);

@@ -4,29 +4,12 @@ use surge_common::latency::{bucket_of, LATENCY_BUCKETS};
 use surge_proto::v1::{Report, ServiceCounters};
 
 use super::*;
-use crate::{
-    catalog::{Catalog, Mode, ServiceSpec},
-    clock::Clock,
-};
-
-struct Fixed(Duration);
-
-impl Clock for Fixed {
-    fn now(&self) -> Duration {
-        self.0
-    }
-}
+use crate::test_support::{catalog, Manual};
 
 fn shared() -> Arc<Shared> {
-    let spec = |name: &str, port| ServiceSpec {
-        name: name.into(),
-        endpoints: vec![format!("127.0.0.1:{port}").parse().expect("literal")],
-        mode: Mode::Observe,
-    };
-    let catalog = Catalog::new(vec![spec("web", 8080), spec("idle", 8081)]);
     Arc::new(Shared::new(
-        catalog,
-        Arc::new(Fixed(Duration::from_secs(3))),
+        catalog(&["web=127.0.0.1:8080", "idle=127.0.0.1:8081"]),
+        Arc::new(Manual::at(Duration::from_secs(3))),
         Duration::from_secs(10),
     ))
 }
@@ -37,7 +20,6 @@ fn report(requests: u64) -> Report {
     Report {
         seq: 1,
         monotonic_ns: 1_000_000_000,
-        unix_ms: 0,
         services: vec![ServiceCounters {
             service: "web".into(),
             requests,
@@ -46,6 +28,7 @@ fn report(requests: u64) -> Report {
             latency_buckets,
             ..Default::default()
         }],
+        ..Default::default()
     }
 }
 
