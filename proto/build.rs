@@ -1,8 +1,13 @@
-//! Generates the Rust code for Surge's protocols from `surge/v1/*.proto` (needs `protoc`: the
-//! setup script installs Debian's `protobuf-compiler`).
+//! Generates the Rust code for Surge's protocols from `surge/v1/*.proto`, and for KEDA's
+//! external-scaler protocol from `externalscaler/` (needs `protoc`: the setup script installs
+//! Debian's `protobuf-compiler`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["surge/v1/agent.proto"];
+    let protos = [
+        "surge/v1/agent.proto",
+        "surge/v1/metrics.proto",
+        "externalscaler/externalscaler.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

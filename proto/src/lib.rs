@@ -4,3 +4,8 @@
 pub mod v1 {
     tonic::include_proto!("surge.v1");
 }
+
+/// KEDA's external-scaler protocol (package `externalscaler`), wire compatible with KEDA.
+pub mod externalscaler {
+    tonic::include_proto!("externalscaler");
+}

@@ -74,7 +74,9 @@ impl AgentLink for AgentLinkService {
                     },
                     msg = inbound.message() => match msg {
                         Ok(Some(AgentMessage { body: Some(agent_message::Body::Report(r)) })) => {
-                            shared.ingest().record(&node, instance, &r, shared.clock.now());
+                            let now = shared.clock.now();
+                            shared.ingest().record(&node, instance, &r, now);
+                            shared.feed.publish(now);
                         }
                         Ok(Some(_)) => tracing::warn!(node = %node, "ignoring an unexpected message"),
                         Ok(None) => break,

@@ -32,7 +32,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
 async fn prometheus(State(app): State<AppState>) -> Response {
     match metrics::encode(&app.registry) {
         Ok(text) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             text,
         )
             .into_response(),

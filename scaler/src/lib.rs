@@ -3,10 +3,15 @@
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod feed;
 pub mod grpc;
 pub mod http;
 pub mod ingest;
+pub mod keda;
 pub mod latency;
 pub mod metrics;
 pub mod state;
+pub mod subscribe;
+#[cfg(test)]
+mod test_support;
 pub mod view;

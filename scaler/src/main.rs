@@ -1,16 +1,22 @@
-//! The surge-scaler binary: settings, then the gRPC server for agents and the HTTP server.
+//! The surge-scaler binary: settings, then the gRPC server (agents, Subscribe, KEDA's external
+//! scaler) and the HTTP server.
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use clap::Parser;
-use surge_proto::v1::agent_link_server::AgentLinkServer;
+use surge_proto::{
+    externalscaler::external_scaler_server::ExternalScalerServer,
+    v1::{agent_link_server::AgentLinkServer, metrics_server::MetricsServer},
+};
 use surge_scaler::{
     catalog::Catalog,
     clock::SystemClock,
     config::{Args, Settings},
     grpc::AgentLinkService,
     http,
+    keda::ExternalScalerService,
     state::Shared,
+    subscribe::MetricsService,
 };
 
 /// A node silent this long stops contributing rates.
@@ -72,6 +78,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let grpc = tonic::transport::Server::builder()
         .add_service(AgentLinkServer::new(AgentLinkService::new(Arc::clone(&shared))))
+        .add_service(MetricsServer::new(MetricsService::new(Arc::clone(&shared))))
+        .add_service(ExternalScalerServer::new(ExternalScalerService::new(Arc::clone(
+            &shared,
+        ))))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
             stopped(stop_rx.clone()),

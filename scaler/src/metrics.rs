@@ -1,5 +1,9 @@
-//! /metrics in the Prometheus text format, written by the prometheus-client library from a
-//! snapshot taken at scrape time (a collector: nothing is kept twice).
+//! /metrics in the Prometheus (OpenMetrics) text format, written by the prometheus-client library
+//! from a snapshot taken at scrape time (a collector: nothing is kept twice). Per service: requests,
+//! responses, rate, in-flight, concurrency, bytes, a latency histogram; the scaler's own health:
+//! agents connected, report age, reports and counter resets, consumers subscribed.
+
+mod histogram;
 
 use std::sync::Arc;
 
@@ -11,6 +15,7 @@ use prometheus_client::{
 };
 
 use crate::{state::Shared, view::snapshot};
+use histogram::LatencyHistogram;
 
 #[derive(Debug)]
 struct ServiceCollector {
@@ -103,6 +108,39 @@ impl Collector for ServiceCollector {
             s.iter()
                 .map(|v| (svc(&v.name), ConstCounter::new(v.figures.tx_bytes_total))),
         )?;
+        family(
+            &mut enc,
+            "surge_service_request_latency_seconds",
+            "Request latency (request start to response start), measured in the kernel.",
+            MetricType::Histogram,
+            s.iter().map(|v| {
+                let f = &v.figures;
+                (
+                    svc(&v.name),
+                    LatencyHistogram::from_kernel(&f.latency_buckets, f.latency_seconds_sum),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_nodes",
+            "Nodes whose agent reported the service.",
+            MetricType::Gauge,
+            s.iter()
+                .map(|v| (svc(&v.name), ConstGauge::new(v.figures.nodes as i64))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_counter_resets",
+            "Agent counter restarts carried over for the service.",
+            MetricType::Counter,
+            s.iter()
+                .map(|v| (svc(&v.name), ConstCounter::new(v.figures.resets))),
+        )?;
+        // TODO(issue 7): CPU, memory and held connections per service (surge_service_cpu_seconds,
+        // surge_service_memory_bytes, surge_service_held_connections) once the agents report them;
+        // replicas (surge_service_replicas{state="desired|current|ready"}) and decisions
+        // (surge_scaling_decisions_total{mode, reason}) once the policy engine and actuators exist.
         let node = |name: &str| [("node", name.to_string())];
         family(
             &mut enc,
@@ -122,6 +160,29 @@ impl Collector for ServiceCollector {
                 .iter()
                 .map(|n| (node(&n.node), ConstGauge::new(n.last_report_age_seconds))),
         )?;
+        family(
+            &mut enc,
+            "surge_agent_reports",
+            "Reports received from the node's agent.",
+            MetricType::Counter,
+            snap.nodes
+                .iter()
+                .map(|n| (node(&n.node), ConstCounter::new(n.reports))),
+        )?;
+        let connected = snap.nodes.iter().filter(|n| n.connected).count() as i64;
+        ConstGauge::new(connected).encode(enc.encode_descriptor(
+            "surge_agents_connected",
+            "Agents connected now.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(self.shared.0.feed.subscribers() as i64).encode(enc.encode_descriptor(
+            "surge_consumer_streams",
+            "Open consumer streams (Subscribe and KEDA StreamIsActive).",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        // TODO(issue 7): surge_scaler_tick_duration_seconds once the policy engine ticks.
         Ok(())
     }
 }
@@ -141,3 +202,6 @@ pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
     prometheus_client::encoding::text::encode(&mut out, registry)?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,16 +1,19 @@
-//! What the scaler's tasks share: the catalog of services, the merged metrics, the clock.
+//! What the scaler's tasks share: the catalog of services, the merged metrics, the clock, and the
+//! feed that tells consumers about each merge.
 
 use std::{
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
-use crate::{catalog::Catalog, clock::Clock, ingest::Ingest};
+use crate::{catalog::Catalog, clock::Clock, feed::Feed, ingest::Ingest};
 
 pub struct Shared {
     pub catalog: Catalog,
     ingest: Mutex<Ingest>,
     pub clock: Arc<dyn Clock>,
+    /// Told after every merged report; consumers (Subscribe, KEDA) listen.
+    pub feed: Feed,
 }
 
 impl Shared {
@@ -19,6 +22,7 @@ impl Shared {
             catalog,
             ingest: Mutex::new(Ingest::new(stale_after)),
             clock,
+            feed: Feed::default(),
         }
     }
 

@@ -1,0 +1,65 @@
+use std::time::Duration;
+
+use surge_common::latency::{bucket_of, LATENCY_BUCKETS};
+use surge_proto::v1::{Report, ServiceCounters};
+
+use super::*;
+use crate::test_support::{catalog, Manual};
+
+fn shared() -> Arc<Shared> {
+    Arc::new(Shared::new(
+        catalog(&["web=127.0.0.1:8080", "idle=127.0.0.1:8081"]),
+        Arc::new(Manual::at(Duration::from_secs(3))),
+        Duration::from_secs(10),
+    ))
+}
+
+fn report(requests: u64) -> Report {
+    let mut latency_buckets = vec![0; LATENCY_BUCKETS];
+    latency_buckets[bucket_of(20_000)] = requests;
+    Report {
+        seq: 1,
+        monotonic_ns: 1_000_000_000,
+        services: vec![ServiceCounters {
+            service: "web".into(),
+            requests,
+            responses: requests,
+            latency_seconds_sum: requests as f64 * 0.02,
+            latency_buckets,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn every_family_is_exposed_with_exact_values() {
+    let s = shared();
+    s.ingest().connected("n1", 1, Duration::from_secs(1));
+    s.ingest().record("n1", 1, &report(42), Duration::from_secs(1));
+    let _sub = s.feed.subscribe(Duration::ZERO);
+    let text = encode(&registry(Arc::clone(&s))).expect("encodes");
+    for line in [
+        "# TYPE surge_service_requests counter",
+        "surge_service_requests_total{service=\"web\"} 42",
+        "surge_service_requests_total{service=\"idle\"} 0",
+        "surge_service_responses_total{service=\"web\"} 42",
+        "# TYPE surge_service_request_latency_seconds histogram",
+        "surge_service_request_latency_seconds_count{service=\"web\"} 42",
+        "surge_service_request_latency_seconds_sum{service=\"web\"} 0.84",
+        "surge_service_request_latency_seconds_bucket{le=\"0.016384\",service=\"web\"} 0",
+        "surge_service_request_latency_seconds_bucket{le=\"0.024576\",service=\"web\"} 42",
+        "surge_service_request_latency_seconds_bucket{le=\"+Inf\",service=\"web\"} 42",
+        "surge_service_request_latency_seconds_bucket{le=\"+Inf\",service=\"idle\"} 0",
+        "surge_service_nodes{service=\"web\"} 1",
+        "surge_service_counter_resets_total{service=\"web\"} 0",
+        "surge_agent_connected{node=\"n1\"} 1",
+        "surge_agent_report_age_seconds{node=\"n1\"} 2.0",
+        "surge_agent_reports_total{node=\"n1\"} 1",
+        "surge_agents_connected 1",
+        "surge_consumer_streams 1",
+        "# EOF",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+}
