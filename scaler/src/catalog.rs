@@ -1,17 +1,29 @@
 //! The services the scaler knows: their names and endpoints, and the watch set every agent gets.
 //! A change is published on a watch channel, so each agent stream pushes it at once.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use serde::Serialize;
 use surge_proto::v1::{Endpoint, WatchSet, WatchedService};
 use tokio::sync::watch;
 
-/// How a service is handled. `Observe`: measured and reported, never scaled.
+/// Where a service's replica count goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
+    /// Measured and reported; a policy, if any, only recommends (a dry run).
     Observe,
+    /// An in-memory target whose replicas become ready after `startup` (tests, dry runs).
+    Simulated,
+}
+
+/// Resources one replica asks for: the denominators of `Utilization` triggers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Requests {
+    /// CPU cores per replica.
+    pub cpu_cores: Option<f64>,
+    /// Memory bytes per replica.
+    pub memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -22,6 +34,15 @@ pub struct ServiceSpec {
     /// root on each node): CPU and memory are measured for them and their descendants.
     pub cgroups: Vec<String>,
     pub mode: Mode,
+    /// The policy (by name, from the policy directory) that decides its replicas.
+    pub policy: Option<String>,
+    /// Start-up delay of a simulated replica.
+    #[serde(skip)]
+    pub startup: Duration,
+    /// Replicas at start (simulated targets).
+    #[serde(skip)]
+    pub initial_replicas: u32,
+    pub requests: Requests,
 }
 
 pub struct Catalog {
@@ -94,6 +115,10 @@ mod tests {
             endpoints: vec!["127.0.0.1:8080".parse().expect("literal")],
             cgroups: vec![],
             mode: Mode::Observe,
+            policy: None,
+            startup: Duration::ZERO,
+            initial_replicas: 0,
+            requests: Requests::default(),
         }]);
         let set = rx.borrow().clone();
         assert_eq!(set.generation, 2);

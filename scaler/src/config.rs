@@ -5,12 +5,13 @@ use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
+    time::Duration,
 };
 
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::catalog::{Mode, ServiceSpec};
+use crate::catalog::{Mode, Requests, ServiceSpec};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
@@ -40,6 +41,16 @@ pub struct Args {
     /// HTTP: /healthz, /metrics, /api/v1/services [default: 0.0.0.0:8080].
     #[arg(long, env = "SURGE_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// The policy directory: one YAML file per policy, reloaded on change.
+    #[arg(long, env = "SURGE_POLICY_DIR", default_value = "/etc/surge/policies")]
+    pub policy_dir: PathBuf,
+    /// How often policies are evaluated, 100ms to 60s.
+    #[arg(long, env = "SURGE_TICK", default_value = "1s", value_parser = parse_duration)]
+    pub tick: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 1s, 2m)"))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -51,7 +62,7 @@ struct FileConfig {
     services: Vec<FileService>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileService {
     name: String,
@@ -59,6 +70,18 @@ struct FileService {
     endpoints: Vec<String>,
     #[serde(default)]
     cgroups: Vec<String>,
+    /// A policy of the policy directory, by name.
+    policy: Option<String>,
+    /// observe (default) | simulated.
+    actuator: Option<String>,
+    /// Start-up delay of a simulated replica (default 2s).
+    startup: Option<String>,
+    /// Replicas at start (simulated; default 1).
+    replicas: Option<u32>,
+    /// CPU cores one replica asks for (for Utilization triggers).
+    cpu_request: Option<f64>,
+    /// Memory bytes one replica asks for (for Utilization triggers).
+    memory_request: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +89,10 @@ pub struct Settings {
     pub grpc_listen: SocketAddr,
     pub http_listen: SocketAddr,
     pub services: Vec<ServiceSpec>,
+    /// One YAML file per policy; reloaded on change.
+    pub policy_dir: PathBuf,
+    /// How often policies are evaluated.
+    pub tick: Duration,
 }
 
 impl Settings {
@@ -106,9 +133,7 @@ impl Settings {
 
         let mut services = Vec::new();
         for (i, s) in file.services.iter().enumerate() {
-            services.push(
-                service(&format!("services[{i}]"), &s.name, &s.endpoints, &s.cgroups).map_err(in_file)?,
-            );
+            services.push(service(&format!("services[{i}]"), s).map_err(in_file)?);
         }
         for flag in &args.observe {
             let (name, eps) = flag.split_once('=').ok_or_else(|| ConfigError::Invalid {
@@ -116,8 +141,12 @@ impl Settings {
                 value: flag.clone(),
                 message: "must be NAME=ENDPOINT[,ENDPOINT...] (e.g. web=127.0.0.1:8080)".into(),
             })?;
-            let eps: Vec<String> = eps.split(',').map(str::to_string).collect();
-            services.push(service("--observe", name, &eps, &[])?);
+            let declared = FileService {
+                name: name.to_string(),
+                endpoints: eps.split(',').map(str::to_string).collect(),
+                ..FileService::default()
+            };
+            services.push(service("--observe", &declared)?);
         }
         let mut seen = HashSet::new();
         for s in &services {
@@ -129,10 +158,21 @@ impl Settings {
                 });
             }
         }
+        let policy_dir = args.policy_dir.clone();
+        let tick = args.tick;
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&tick) {
+            return Err(ConfigError::Invalid {
+                field: "--tick".into(),
+                value: humantime::format_duration(tick).to_string(),
+                message: "must be between 100ms and 60s".into(),
+            });
+        }
         Ok(Self {
             grpc_listen,
             http_listen,
             services,
+            policy_dir,
+            tick,
         })
     }
 }
@@ -148,12 +188,8 @@ fn valid_name(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
-fn service(
-    field: &str,
-    name: &str,
-    endpoints: &[String],
-    cgroups: &[String],
-) -> Result<ServiceSpec, ConfigError> {
+fn service(field: &str, declared: &FileService) -> Result<ServiceSpec, ConfigError> {
+    let (name, endpoints, cgroups) = (declared.name.as_str(), &declared.endpoints, &declared.cgroups);
     if !valid_name(name) {
         return Err(ConfigError::Invalid {
             field: format!("{field}.name"),
@@ -189,11 +225,64 @@ fn service(
             });
         }
     }
+    let invalid = |what: &str, value: String, message: &str| ConfigError::Invalid {
+        field: format!("{field}.{what}"),
+        value,
+        message: message.into(),
+    };
+    let mode = match declared.actuator.as_deref() {
+        None | Some("observe") => Mode::Observe,
+        Some("simulated") => Mode::Simulated,
+        Some(other) => {
+            return Err(invalid(
+                "actuator",
+                other.into(),
+                "must be one of observe, simulated",
+            ))
+        }
+    };
+    let startup = match &declared.startup {
+        None => Duration::from_secs(2),
+        Some(t) => humantime::parse_duration(t)
+            .map_err(|_| invalid("startup", t.clone(), "must be a duration such as 500ms or 2s"))?,
+    };
+    if let Some(c) = declared.cpu_request {
+        if !(c > 0.0 && c.is_finite()) {
+            return Err(invalid(
+                "cpu_request",
+                c.to_string(),
+                "must be a number of cores greater than 0",
+            ));
+        }
+    }
+    if declared.memory_request == Some(0) {
+        return Err(invalid(
+            "memory_request",
+            "0".into(),
+            "must be a number of bytes greater than 0",
+        ));
+    }
+    if let Some(p) = &declared.policy {
+        if p.is_empty() {
+            return Err(invalid(
+                "policy",
+                p.clone(),
+                "must name a policy of the policy directory",
+            ));
+        }
+    }
     Ok(ServiceSpec {
         name: name.into(),
         endpoints: parsed,
         cgroups: cgroups.to_vec(),
-        mode: Mode::Observe,
+        mode,
+        policy: declared.policy.clone(),
+        startup,
+        initial_replicas: declared.replicas.unwrap_or(1),
+        requests: Requests {
+            cpu_cores: declared.cpu_request,
+            memory_bytes: declared.memory_request,
+        },
     })
 }
 

@@ -26,6 +26,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(prometheus))
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{name}", get(service))
+        .route("/api/v1/services/{name}/decisions", get(decisions))
         .with_state(AppState { shared, registry })
 }
 
@@ -60,4 +61,22 @@ async fn service(State(app): State<AppState>, Path(name): Path<String>) -> Respo
         )
             .into_response(),
     }
+}
+
+/// The last decisions of a service with a policy, newest first.
+async fn decisions(State(app): State<AppState>, Path(name): Path<String>) -> Response {
+    if !app.shared.catalog.specs().iter().any(|s| s.name == name) {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": format!("no service named {name:?}") })),
+        )
+            .into_response();
+    }
+    let decisions = app
+        .shared
+        .control
+        .get(&name)
+        .map(|c| c.decisions)
+        .unwrap_or_default();
+    Json(serde_json::json!({ "service": name, "decisions": decisions })).into_response()
 }

@@ -1,8 +1,10 @@
 //! surge-scaler: merges the agents' streams, applies policies, serves metrics and APIs.
 
+pub mod actuator;
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod feed;
 pub mod grpc;
 pub mod http;
@@ -10,6 +12,8 @@ pub mod ingest;
 pub mod keda;
 pub mod latency;
 pub mod metrics;
+pub mod observations;
+pub mod policies;
 pub mod state;
 pub mod subscribe;
 #[cfg(test)]

@@ -4,6 +4,10 @@
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use clap::Parser;
+use surge_policy::{
+    config::KpaConfig,
+    env::{EnvConfig, ProcessEnv},
+};
 use surge_proto::{
     externalscaler::external_scaler_server::ExternalScalerServer,
     v1::{agent_link_server::AgentLinkServer, metrics_server::MetricsServer},
@@ -12,9 +16,11 @@ use surge_scaler::{
     catalog::Catalog,
     clock::SystemClock,
     config::{Args, Settings},
+    control::Controller,
     grpc::AgentLinkService,
     http,
     keda::ExternalScalerService,
+    policies::PolicyDir,
     state::Shared,
     subscribe::MetricsService,
 };
@@ -58,6 +64,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for s in &settings.services {
         tracing::info!(service = %s.name, endpoints = ?s.endpoints, mode = ?s.mode, "service declared");
     }
+    let env = EnvConfig::from_env(&ProcessEnv, KpaConfig::default())?;
+    let tick = settings.tick;
+    let policy_dir = settings.policy_dir.clone();
     let shared = Arc::new(Shared::new(
         Catalog::new(settings.services),
         Arc::new(SystemClock::default()),
@@ -87,7 +96,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             stopped(stop_rx.clone()),
         );
     let web = axum::serve(http_listener, http::router(Arc::clone(&shared)))
-        .with_graceful_shutdown(stopped(stop_rx));
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let controller = Controller::new(Arc::clone(&shared), PolicyDir::new(policy_dir), env.defaults);
+    let control = tokio::spawn(controller.run(tick, stop_rx.clone()));
     let grpc = tokio::spawn(grpc);
     let web = tokio::spawn(async move { web.await });
     shutdown_signal().await;
@@ -96,6 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = grpc.await;
         let _ = web.await;
+        let _ = control.await;
     })
     .await;
     Ok(())

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{catalog::Catalog, clock::Clock, feed::Feed, ingest::Ingest};
+use crate::{catalog::Catalog, clock::Clock, control::StatusBoard, feed::Feed, ingest::Ingest};
 
 pub struct Shared {
     pub catalog: Catalog,
@@ -14,6 +14,8 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     /// Told after every merged report; consumers (Subscribe, KEDA) listen.
     pub feed: Feed,
+    /// What the control loop last did for each service with a policy.
+    pub control: StatusBoard,
 }
 
 impl Shared {
@@ -23,6 +25,7 @@ impl Shared {
             ingest: Mutex::new(Ingest::new(stale_after)),
             clock,
             feed: Feed::default(),
+            control: StatusBoard::default(),
         }
     }
 

@@ -3,8 +3,11 @@
 
 use serde::Serialize;
 
+use surge_policy::Decision;
+
 use crate::{
     catalog::{Mode, ServiceSpec},
+    control::{ControlStatus, ReplicaCounts},
     ingest::{Ingest, NodeStatus, ServiceFigures},
     latency::{percentiles, Percentiles},
     state::Shared,
@@ -21,6 +24,14 @@ pub struct ServiceView {
     pub figures: ServiceFigures,
     /// Latency percentiles over the last report interval; null when no request finished in it.
     pub latency: Option<Percentiles>,
+    /// The policy that decides its replicas, if any.
+    pub policy: Option<String>,
+    /// Replicas desired (by the last decision), asked for, and ready.
+    pub replicas: Option<ReplicaCounts>,
+    /// The last decision, with its mode, inputs, limits and reason.
+    pub last_decision: Option<Decision>,
+    /// Why the service is not being controlled right now, if it is not.
+    pub control_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -29,7 +40,13 @@ pub struct Snapshot {
     pub nodes: Vec<NodeStatus>,
 }
 
-fn view(spec: &ServiceSpec, ingest: &Ingest, now: std::time::Duration) -> ServiceView {
+fn view(
+    spec: &ServiceSpec,
+    ingest: &Ingest,
+    control: Option<ControlStatus>,
+    now: std::time::Duration,
+) -> ServiceView {
+    let control = control.unwrap_or_default();
     let figures = ingest.figures(&spec.name, now);
     let latency = figures
         .as_ref()
@@ -41,6 +58,10 @@ fn view(spec: &ServiceSpec, ingest: &Ingest, now: std::time::Duration) -> Servic
         reported: figures.is_some(),
         figures: figures.unwrap_or_default(),
         latency,
+        policy: spec.policy.clone(),
+        replicas: control.replicas,
+        last_decision: control.decisions.front().cloned(),
+        control_error: control.error,
     }
 }
 
@@ -50,7 +71,10 @@ pub fn snapshot(shared: &Shared) -> Snapshot {
     let now = shared.clock.now();
     let ingest = shared.ingest();
     Snapshot {
-        services: specs.iter().map(|s| view(s, &ingest, now)).collect(),
+        services: specs
+            .iter()
+            .map(|s| view(s, &ingest, shared.control.get(&s.name), now))
+            .collect(),
         nodes: ingest.nodes(now),
     }
 }
