@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod cgroups;
 pub mod clock;
 pub mod config;
+pub mod holder;
 pub mod kernel;
 pub mod link;
 pub mod node;

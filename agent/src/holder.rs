@@ -1,0 +1,227 @@
+//! Holds connections to a service that has no ready replica, in the connection's path only while
+//! it is cold. The kernel's connect hook sends such connections to this holder (one listening
+//! port per held service). The holder accepts them and reports the demand at once. It buffers
+//! what clients send (bounded: a full buffer stops reading, so the client is slowed down and no
+//! byte is dropped). As soon as a replica is ready, it connects there, writes the buffer and
+//! relays both ways. After the hold timeout an HTTP client gets `503` with `Retry-After`, and
+//! any other client is closed.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use surge_common::http::{classify, prefix_of, SegmentStart};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{watch, Notify},
+    time::Instant,
+};
+
+/// Holder settings.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldConfig {
+    /// How long a connection waits for a ready replica (KEDA's interceptor waits 20 s).
+    pub timeout: Duration,
+    /// Bytes buffered per connection before the holder stops reading from it.
+    pub buffer: usize,
+    /// The Retry-After seconds told to HTTP clients that timed out.
+    pub retry_after: u32,
+}
+
+impl Default for HoldConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(20),
+            buffer: 64 * 1024,
+            retry_after: 1,
+        }
+    }
+}
+
+/// What the holder counted; read by the report.
+#[derive(Debug, Default)]
+pub struct HoldStats {
+    /// Connections waiting now.
+    pub held_now: AtomicUsize,
+    /// Connections ever held.
+    pub held_total: AtomicU64,
+    /// Held connections handed to a replica.
+    pub forwarded_total: AtomicU64,
+    /// Held connections that timed out (503 or closed).
+    pub timeouts_total: AtomicU64,
+    /// Sum of the time connections were held until forwarded, microseconds.
+    pub held_micros_sum: AtomicU64,
+}
+
+/// Why a held connection ended without being relayed.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    #[error("no replica became ready within {0:?}")]
+    Timeout(Duration),
+    #[error("connecting to replica {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One held service: its listener, the ready replicas it forwards to, and its counters.
+pub struct Holder {
+    listener: TcpListener,
+    backends: watch::Receiver<Vec<SocketAddr>>,
+    config: HoldConfig,
+    stats: Arc<HoldStats>,
+    /// Told whenever a connection arrives, so the agent reports demand at once.
+    demand: Arc<Notify>,
+}
+
+impl Holder {
+    pub fn new(
+        listener: TcpListener,
+        backends: watch::Receiver<Vec<SocketAddr>>,
+        config: HoldConfig,
+        demand: Arc<Notify>,
+    ) -> Self {
+        Self {
+            listener,
+            backends,
+            config,
+            stats: Arc::default(),
+            demand,
+        }
+    }
+
+    pub fn stats(&self) -> Arc<HoldStats> {
+        Arc::clone(&self.stats)
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts and serves held connections until the task is dropped.
+    pub async fn run(self) {
+        let next = Arc::new(AtomicUsize::new(0));
+        loop {
+            let (client, peer) = match self.listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "holder accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            self.stats.held_total.fetch_add(1, Ordering::Relaxed);
+            self.stats.held_now.fetch_add(1, Ordering::Relaxed);
+            self.demand.notify_one();
+            let (backends, config, stats, next) = (
+                self.backends.clone(),
+                self.config,
+                Arc::clone(&self.stats),
+                Arc::clone(&next),
+            );
+            tokio::spawn(async move {
+                let result = hold(client, backends, config, &stats, &next).await;
+                stats.held_now.fetch_sub(1, Ordering::Relaxed);
+                if let Err(e) = result {
+                    tracing::debug!(client = %peer, error = %e, "held connection ended");
+                }
+            });
+        }
+    }
+}
+
+/// Serves one held connection: buffer until a replica is ready or the timeout, then relay.
+async fn hold(
+    mut client: TcpStream,
+    mut backends: watch::Receiver<Vec<SocketAddr>>,
+    config: HoldConfig,
+    stats: &HoldStats,
+    next: &AtomicUsize,
+) -> Result<(), HoldError> {
+    let started = Instant::now();
+    let deadline = started + config.timeout;
+    let mut buffer = Vec::with_capacity(config.buffer.min(16 * 1024));
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut client_done = false;
+    let backend = loop {
+        if let Some(addr) = pick(&backends.borrow_and_update(), next) {
+            break addr;
+        }
+        let room = config.buffer.saturating_sub(buffer.len()).min(chunk.len());
+        tokio::select! {
+            // Read only while there is room: a full buffer leaves the bytes in the kernel and
+            // the client's window closes (backpressure, nothing dropped).
+            n = client.read(&mut chunk[..room]), if room > 0 && !client_done => {
+                let n = n?;
+                if n == 0 {
+                    client_done = true;
+                } else {
+                    buffer.extend_from_slice(&chunk[..n]);
+                }
+            }
+            changed = backends.changed() => {
+                if changed.is_err() {
+                    return Err(HoldError::Timeout(config.timeout));
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                stats.timeouts_total.fetch_add(1, Ordering::Relaxed);
+                answer_timeout(&mut client, &buffer, config.retry_after).await;
+                return Err(HoldError::Timeout(config.timeout));
+            }
+        }
+    };
+    let mut upstream = TcpStream::connect(backend)
+        .await
+        .map_err(|source| HoldError::Connect {
+            addr: backend,
+            source,
+        })?;
+    let _ = upstream.set_nodelay(true);
+    upstream.write_all(&buffer).await?;
+    stats.forwarded_total.fetch_add(1, Ordering::Relaxed);
+    stats
+        .held_micros_sum
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    if client_done {
+        upstream.shutdown().await?;
+    }
+    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(())
+}
+
+/// Round robin over the ready replicas.
+fn pick(backends: &[SocketAddr], next: &AtomicUsize) -> Option<SocketAddr> {
+    if backends.is_empty() {
+        return None;
+    }
+    Some(backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()])
+}
+
+/// An HTTP client (its first bytes are a request line) gets a 503 with Retry-After; anything
+/// else is closed.
+async fn answer_timeout(client: &mut TcpStream, buffer: &[u8], retry_after: u32) {
+    let (prefix, len) = prefix_of(buffer);
+    if classify(&prefix, len) == SegmentStart::Request {
+        let body = "no replica became ready in time\n";
+        let response = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {retry_after}\r\nContent-Type: text/plain\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = client.write_all(response.as_bytes()).await;
+    }
+    let _ = client.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests;

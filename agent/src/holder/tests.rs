@@ -1,0 +1,141 @@
+use std::sync::atomic::Ordering;
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{watch, Notify},
+};
+
+use super::*;
+
+/// A replica that answers every request line-by-line: it echoes everything it reads, prefixed
+/// once with the peer address it saw.
+async fn echo_replica() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn holder(
+    config: HoldConfig,
+) -> (
+    SocketAddr,
+    watch::Sender<Vec<SocketAddr>>,
+    Arc<HoldStats>,
+    Arc<Notify>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (tx, rx) = watch::channel(Vec::new());
+    let demand = Arc::new(Notify::new());
+    let h = Holder::new(l, rx, config, Arc::clone(&demand));
+    let (addr, stats) = (h.local_addr().expect("addr"), h.stats());
+    tokio::spawn(h.run());
+    (addr, tx, stats, demand)
+}
+
+#[tokio::test]
+async fn a_held_connection_is_relayed_once_a_replica_is_ready() {
+    let (addr, backends, stats, demand) = holder(HoldConfig::default()).await;
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+    demand.notified().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(stats.held_now.load(Ordering::Relaxed), 1);
+    backends.send_replace(vec![echo_replica().await]);
+    let mut got = vec![0u8; 18];
+    c.read_exact(&mut got).await.expect("relayed");
+    assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
+    // The relay goes both ways after the buffer.
+    c.write_all(b"more").await.expect("write");
+    let mut more = [0u8; 4];
+    c.read_exact(&mut more).await.expect("read");
+    assert_eq!(&more, b"more");
+    assert_eq!(stats.forwarded_total.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_body_larger_than_the_buffer_arrives_intact() {
+    let config = HoldConfig {
+        buffer: 4096,
+        ..HoldConfig::default()
+    };
+    let (addr, backends, _stats, _) = holder(config).await;
+    let body: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    let (mut r, mut w) = c.split();
+    let send = async {
+        w.write_all(&body).await.expect("write");
+        w.shutdown().await.expect("shutdown");
+    };
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        backends.send_replace(vec![echo_replica().await]);
+    };
+    let mut echoed = Vec::new();
+    let receive = async { r.read_to_end(&mut echoed).await.expect("read") };
+    tokio::join!(send, release, receive);
+    assert_eq!(echoed.len(), body.len());
+    assert!(echoed == body, "bytes changed on the way");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_http_client_gets_503_with_retry_after_on_timeout() {
+    let config = HoldConfig {
+        timeout: Duration::from_secs(20),
+        retry_after: 2,
+        ..HoldConfig::default()
+    };
+    let (addr, _backends, stats, _) = holder(config).await;
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    let mut response = String::new();
+    c.read_to_string(&mut response).await.expect("read");
+    assert!(
+        response.starts_with("HTTP/1.1 503 Service Unavailable\r\nRetry-After: 2\r\n"),
+        "{response}"
+    );
+    assert_eq!(stats.timeouts_total.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_tcp_client_is_closed_on_timeout() {
+    let (addr, _backends, stats, _) = holder(HoldConfig::default()).await;
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(b"\x00\x01binary").await.expect("write");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.expect("read");
+    assert!(rest.is_empty(), "closed without a word");
+    assert_eq!(stats.timeouts_total.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn many_clients_are_spread_over_replicas_and_all_answered() {
+    let (addr, backends, stats, _) = holder(HoldConfig::default()).await;
+    let mut clients = Vec::new();
+    for i in 0..200u32 {
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(format!("client {i:03}").as_bytes())
+            .await
+            .expect("write");
+        clients.push(c);
+    }
+    backends.send_replace(vec![echo_replica().await, echo_replica().await]);
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut got = [0u8; 10];
+        c.read_exact(&mut got).await.expect("relayed");
+        assert_eq!(got, *format!("client {i:03}").as_bytes());
+    }
+    assert_eq!(stats.forwarded_total.load(Ordering::Relaxed), 200);
+    assert_eq!(stats.held_total.load(Ordering::Relaxed), 200);
+}
