@@ -16,6 +16,7 @@ use crate::{
     catalog::{Mode, ServiceSpec},
     observations,
     policies::PolicyDir,
+    sources::MetricSources,
     state::Shared,
 };
 
@@ -33,6 +34,8 @@ pub struct ControlStatus {
     pub decisions: VecDeque<Decision>,
     /// Why the service is not being controlled right now, if it is not.
     pub error: Option<String>,
+    /// Metric sources (Prometheus queries) of its policy that are failing, one line each.
+    pub source_errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
@@ -68,6 +71,8 @@ pub struct Controller {
     /// Dry runs of observe-only services with a policy: replicas follow the decision at once.
     dry_run: Arc<Simulated>,
     simulated: Arc<Simulated>,
+    /// Prometheus queries of external triggers; none until [`Controller::with_sources`].
+    sources: Option<MetricSources>,
 }
 
 impl Controller {
@@ -87,7 +92,14 @@ impl Controller {
             engines: HashMap::new(),
             dry_run,
             simulated,
+            sources: None,
         }
+    }
+
+    /// Queries external triggers (PromQL) through `sources`.
+    pub fn with_sources(mut self, sources: MetricSources) -> Self {
+        self.sources = Some(sources);
+        self
     }
 
     fn actuator(&self, spec: &ServiceSpec) -> Arc<dyn Actuator> {
@@ -170,6 +182,15 @@ impl Controller {
             let figures = self.shared.ingest().figures(&spec.name, now);
             for (metric, sample) in observations::samples(figures.as_ref(), &spec.requests, replicas.ready) {
                 engine.record(ts, &metric, sample);
+            }
+            if let Some(sources) = self.sources.as_mut() {
+                let external = sources.poll(&spec.name, &policy, now);
+                for (metric, sample) in &external.samples {
+                    engine.record(ts, metric, *sample);
+                }
+                self.shared
+                    .control
+                    .update(&spec.name, |s| s.source_errors = external.errors);
             }
             let kind = actuator.kind();
             if !engine.due(ts, replicas.current) {

@@ -14,6 +14,7 @@ pub mod latency;
 pub mod metrics;
 pub mod observations;
 pub mod policies;
+pub mod sources;
 pub mod state;
 pub mod subscribe;
 #[cfg(test)]

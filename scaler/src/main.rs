@@ -21,6 +21,7 @@ use surge_scaler::{
     http,
     keda::ExternalScalerService,
     policies::PolicyDir,
+    sources::{self, MetricSources},
     state::Shared,
     subscribe::MetricsService,
 };
@@ -97,7 +98,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     let web = axum::serve(http_listener, http::router(Arc::clone(&shared)))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let controller = Controller::new(Arc::clone(&shared), PolicyDir::new(policy_dir), env.defaults);
+    let prometheus = sources::Settings::from_env(&ProcessEnv, env.metric_provider, env.prometheus_endpoint)?;
+    let controller = Controller::new(Arc::clone(&shared), PolicyDir::new(policy_dir), env.defaults)
+        .with_sources(MetricSources::start(prometheus).await?);
     let control = tokio::spawn(controller.run(tick, stop_rx.clone()));
     let grpc = tokio::spawn(grpc);
     let web = tokio::spawn(async move { web.await });

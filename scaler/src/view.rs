@@ -32,6 +32,8 @@ pub struct ServiceView {
     pub last_decision: Option<Decision>,
     /// Why the service is not being controlled right now, if it is not.
     pub control_error: Option<String>,
+    /// Metric sources (Prometheus queries) of its policy that are failing, one line each.
+    pub source_errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -62,6 +64,7 @@ fn view(
         replicas: control.replicas,
         last_decision: control.decisions.front().cloned(),
         control_error: control.error,
+        source_errors: control.source_errors,
     }
 }
 

@@ -124,6 +124,10 @@ pub struct Trigger {
     pub query: Option<String>,
     /// Prometheus address (external metrics).
     pub server_address: Option<String>,
+    /// The trigger's scalar `metadata` as written (KEDA scaler options such as
+    /// `ignoreNullValues`, `unsafeSsl`, `customHeaders`), for the metric source to read.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// KEDA `fallback`.

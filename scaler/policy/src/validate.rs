@@ -487,6 +487,11 @@ fn trigger(
         activation_threshold,
         query: t.query.clone().or_else(|| meta("query").and_then(scalar_text)),
         server_address: meta("serverAddress").and_then(scalar_text),
+        metadata: t
+            .metadata
+            .iter()
+            .filter_map(|(k, v)| scalar_text(v).map(|v| (k.clone(), v)))
+            .collect(),
     })
 }
 
@@ -505,6 +510,7 @@ fn default_triggers(
         activation_threshold: 0.0,
         query: None,
         server_address: None,
+        metadata: BTreeMap::new(),
     };
     let default_target = |m: &Metric| match m {
         Metric::Rps => kpa.requests_per_second_target_default,
