@@ -214,7 +214,28 @@ fn load_scales_a_local_service_1_3_1_with_every_request_answered() {
     let mut scaler = Scaler::start(&dir, free_port(), &flags);
     let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
 
+    let first = agreed(&scaler, &service, 1);
+
+    // A replica that dies is restarted and reported; it leaves the rotation while it is down.
+    // SAFETY: kill on a pid the scaler reported for its own child.
+    unsafe { libc::kill(first[0].1 as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = replicas_view(&scaler, &service);
+        let r = &v["replicas"][0];
+        if r["restarts"] == 1 && r["state"] == "ready" {
+            assert_eq!(r["last_error"], "exited with signal: 9 (SIGKILL)", "{v}");
+            assert_eq!(r["starts"], 2, "{v}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the killed replica was not restarted: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let one = agreed(&scaler, &service, 1);
+    assert_ne!(one[0].1, first[0].1, "a new process");
 
     // Six clients, each with a 50 ms request in flight: concurrency 6, 2 per replica → 3.
     let heavy = Load::start(address, 6);
