@@ -121,20 +121,11 @@ impl Service {
         let (balance, desired, statuses) = {
             let st = self.lock();
             let statuses: Vec<ReplicaStatus> = st.replicas.values().map(|h| h.status.clone()).collect();
-            let balance = Balance {
-                service_address: Some(self.spec.service_address),
-                backends: statuses
-                    .iter()
-                    .filter(|r| r.state == ReplicaState::Ready)
-                    .filter_map(|r| r.addr)
-                    .collect(),
-                endpoints: statuses
-                    .iter()
-                    .filter(|r| r.state != ReplicaState::Backoff)
-                    .filter_map(|r| r.addr)
-                    .collect(),
-                cgroups: self.cgroup.iter().map(|(_, rel)| rel.clone()).collect(),
-            };
+            let balance = balance(
+                self.spec.service_address,
+                &statuses,
+                self.cgroup.as_ref().map(|(_, rel)| rel.as_str()),
+            );
             (balance, st.desired, statuses)
         };
         self.shared.local.set_replicas(&self.name, desired, statuses);
@@ -181,10 +172,8 @@ impl Service {
                 );
                 active.push((id, false));
             }
-            // Least useful last: ready ones before others, older before newer.
-            active.sort_by_key(|(id, ready)| (!*ready, *id));
-            for (id, _) in active.iter().skip(n as usize) {
-                if let Some(h) = st.replicas.get_mut(id) {
+            for id in victims(active, n) {
+                if let Some(h) = st.replicas.get_mut(&id) {
                     h.stop.send_replace(Some(Stop::Drain));
                     h.status.state = ReplicaState::Draining;
                     tracing::info!(service = %self.name, replica = %h.status.name, "draining replica");
@@ -226,6 +215,31 @@ impl Service {
         if let Some((dir, _)) = &self.cgroup {
             let _ = std::fs::remove_dir(dir);
         }
+    }
+}
+
+/// Which of the active replicas (id, ready) to drain to keep `n`: the least useful, that is
+/// replicas not ready before ready ones, newer before older.
+fn victims(mut active: Vec<(u32, bool)>, n: u32) -> Vec<u32> {
+    active.sort_by_key(|(id, ready)| (!*ready, *id));
+    active.iter().skip(n as usize).map(|(id, _)| *id).collect()
+}
+
+/// What the agents get for a service: ready replicas in rotation, every live replica measured.
+fn balance(service_address: SocketAddr, replicas: &[ReplicaStatus], cgroup: Option<&str>) -> Balance {
+    Balance {
+        service_address: Some(service_address),
+        backends: replicas
+            .iter()
+            .filter(|r| r.state == ReplicaState::Ready)
+            .filter_map(|r| r.addr)
+            .collect(),
+        endpoints: replicas
+            .iter()
+            .filter(|r| r.state != ReplicaState::Backoff)
+            .filter_map(|r| r.addr)
+            .collect(),
+        cgroups: cgroup.iter().map(|c| c.to_string()).collect(),
     }
 }
 
@@ -317,5 +331,50 @@ impl Actuator for LocalActuator {
 
     fn kind(&self) -> &'static str {
         "local"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_down_drains_the_not_ready_then_the_newest() {
+        let active = vec![(0, true), (1, true), (2, false), (3, true)];
+        assert_eq!(victims(active.clone(), 4), Vec::<u32>::new());
+        assert_eq!(victims(active.clone(), 3), vec![2]);
+        assert_eq!(victims(active.clone(), 1), vec![1, 3, 2]);
+        assert_eq!(victims(active, 0), vec![0, 1, 3, 2]);
+    }
+
+    #[test]
+    fn only_ready_replicas_are_in_rotation_and_live_ones_are_measured() {
+        let r = |id: u16, state| ReplicaStatus {
+            name: format!("web-{id}"),
+            state,
+            addr: Some(SocketAddr::from(([127, 0, 0, 1], 9000 + id))),
+            pid: None,
+            cgroup: None,
+            starts: 1,
+            restarts: 0,
+            last_error: None,
+        };
+        let replicas = [
+            r(0, ReplicaState::Ready),
+            r(1, ReplicaState::Starting),
+            r(2, ReplicaState::Draining),
+            r(3, ReplicaState::Backoff),
+            r(4, ReplicaState::Ready),
+        ];
+        let svc: SocketAddr = "127.0.0.1:8000".parse().expect("addr");
+        let b = balance(svc, &replicas, Some("surge/web"));
+        let port = |a: &SocketAddr| a.port();
+        assert_eq!(b.service_address, Some(svc));
+        assert_eq!(b.backends.iter().map(port).collect::<Vec<_>>(), vec![9000, 9004]);
+        assert_eq!(
+            b.endpoints.iter().map(port).collect::<Vec<_>>(),
+            vec![9000, 9001, 9002, 9004]
+        );
+        assert_eq!(b.cgroups, vec!["surge/web".to_string()]);
     }
 }
