@@ -32,7 +32,7 @@ pub(super) async fn run(svc: Arc<Service>, id: u32, mut stop: watch::Receiver<Op
                 let outcome = supervise(&svc, id, &mut child, addr, &mut stop).await;
                 let failure = match outcome {
                     Outcome::Stop(kind) => {
-                        halt(&svc, id, &mut child, addr, kind).await;
+                        halt(&svc, id, &mut child, addr, kind, &stop).await;
                         if let Some(dir) = cgroup {
                             let _ = tokio::task::spawn_blocking(move || os::remove_cgroup(&dir)).await;
                         }
@@ -201,18 +201,28 @@ async fn supervise(
 /// Stops a replica: for a scale-down, waits until no agent has it in rotation and its
 /// connections have finished (bounded by the drain timeout); then SIGTERM, and SIGKILL after
 /// the grace period.
-async fn halt(svc: &Arc<Service>, id: u32, child: &mut Child, addr: SocketAddr, kind: Stop) {
+async fn halt(
+    svc: &Arc<Service>,
+    id: u32,
+    child: &mut Child,
+    addr: SocketAddr,
+    kind: Stop,
+    stop: &watch::Receiver<Option<Stop>>,
+) {
     let clock = Arc::clone(&svc.shared.clock);
+    // A scaler shutdown during a drain cuts the drain short.
+    let now_asked = || *stop.borrow() == Some(Stop::Now);
     if kind == Stop::Drain {
         let start = clock.now();
         while !svc.shared.local.out_of_rotation(&svc.name, addr, clock.now())
             && clock.now().saturating_sub(start) < ROTATION_WAIT
+            && !now_asked()
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let start = clock.now();
         loop {
-            if matches!(child.try_wait(), Ok(Some(_))) {
+            if matches!(child.try_wait(), Ok(Some(_))) || now_asked() {
                 break;
             }
             let open = os::established_now(addr.port()).await;
