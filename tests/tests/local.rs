@@ -386,3 +386,66 @@ fn replicas_that_fail_are_reported_retried_and_not_counted_ready() {
     assert!(!alive(silent_pid), "a replica outlived the scaler");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn replicas_can_have_their_own_network_namespace_and_address() {
+    require_root();
+    let dir = scratch("local-netns");
+    let service = format!("ns{}", std::process::id());
+    let subnet = format!("10.214.{}.0/24", std::process::id() % 250);
+    let address: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let flags = configure(
+        &dir,
+        &format!(
+            "services:
+  - name: {service}
+    actuator: local
+    replicas: 2
+    local:
+      command: [{sample:?}, \"--listen\", \"{{addr}}\"]
+      service_address: \"{address}\"
+      readiness: {{http: \"/\"}}
+      netns_subnet: \"{subnet}\"
+",
+            sample = bin("surge-sample").display().to_string()
+        ),
+    );
+    let mut scaler = Scaler::start(&dir, free_port(), &flags);
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    let two = agreed(&scaler, &service, 2);
+    let prefix = subnet.trim_end_matches("0/24");
+    let ips: BTreeSet<&str> = two
+        .iter()
+        .map(|(a, _)| a.split(':').next().unwrap_or(""))
+        .collect();
+    assert_eq!(ips.len(), 2, "an address each: {two:?}");
+    assert!(ips.iter().all(|ip| ip.starts_with(prefix)), "{two:?} in {subnet}");
+    for id in 0..2 {
+        assert!(
+            Path::new(&format!("/run/netns/surge-{service}-{id}")).exists(),
+            "namespace of replica {id}"
+        );
+    }
+
+    let load = Load::start(address, 4);
+    std::thread::sleep(Duration::from_secs(2));
+    let r = load.finish();
+    assert_eq!(r.failed, 0, "{:?}", &r.errors[..r.errors.len().min(5)]);
+    assert!(r.ok > 50, "{}", r.ok);
+    // The replicas' requests are measured in their namespaces too.
+    scaler.wait_for(&service, "the load counted", |v| {
+        v["requests_total"].as_u64().unwrap_or(0) >= r.ok as u64
+    });
+
+    scaler.proc.stop_with(libc::SIGTERM);
+    for (_, pid) in &two {
+        assert!(!alive(*pid), "replica {pid} outlived the scaler");
+    }
+    for id in 0..2 {
+        assert!(
+            !Path::new(&format!("/run/netns/surge-{service}-{id}")).exists(),
+            "namespace of replica {id} is left"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

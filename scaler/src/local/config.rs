@@ -32,6 +32,9 @@ pub struct LocalSpec {
     pub grace_period: Duration,
     /// How long a starting replica may take to pass its probe before it is restarted.
     pub ready_timeout: Duration,
+    /// Each replica in its own network namespace, with an address from this subnet (a /30 block
+    /// each, listening on the service address's port); none: loopback ports of the host.
+    pub netns_subnet: Option<super::netns::Subnet>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -44,6 +47,7 @@ pub struct FileLocal {
     drain_timeout: Option<String>,
     grace_period: Option<String>,
     ready_timeout: Option<String>,
+    netns_subnet: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -134,7 +138,18 @@ pub fn parse(field: &str, f: &FileLocal) -> Result<LocalSpec, ConfigError> {
         }
         Ok(d)
     };
+    let netns_subnet = match &f.netns_subnet {
+        None => None,
+        Some(t) => Some(super::netns::Subnet::parse(t).ok_or_else(|| {
+            invalid(
+                "netns_subnet",
+                t.clone(),
+                "must be an IPv4 subnet A.B.C.D/N with N from 16 to 28 and no host bits set",
+            )
+        })?),
+    };
     Ok(LocalSpec {
+        netns_subnet,
         command: f.command.clone(),
         service_address,
         readiness,
@@ -217,6 +232,8 @@ mod tests {
              "config file s.yaml: services[0].local.readiness = \"http: Some(\\\"/\\\"), tcp: Some(true)\": must be exactly one of {http: \"/path\"} or {tcp: true}"),
             ("    local:\n      command: [\"./srv\", \"{port}\"]\n      service_address: \"127.0.0.1:8000\"\n      grace_period: 1h\n",
              "config file s.yaml: services[0].local.grace_period = \"1h\": must be at most 5m"),
+            ("    local:\n      command: [\"./srv\", \"{port}\"]\n      service_address: \"127.0.0.1:8000\"\n      netns_subnet: 10.1.2.3/24\n",
+             "config file s.yaml: services[0].local.netns_subnet = \"10.1.2.3/24\": must be an IPv4 subnet A.B.C.D/N with N from 16 to 28 and no host bits set"),
             ("    local:\n      command: [\"./srv\", \"{port}\"]\n      service_address: \"127.0.0.1:8000\"\n      drain_timeout: soon\n",
              "config file s.yaml: services[0].local.drain_timeout = \"soon\": must be a duration such as 500ms, 10s or 1m"),
         ];

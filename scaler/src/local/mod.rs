@@ -7,6 +7,7 @@
 
 pub mod board;
 pub mod config;
+pub mod netns;
 pub mod os;
 pub mod probe;
 mod replica;
@@ -85,6 +86,8 @@ struct State {
     next_id: u32,
     replicas: BTreeMap<u32, Handle>,
     shut_down: bool,
+    /// Address blocks of the network-namespace subnet in use.
+    slots: std::collections::BTreeSet<u32>,
 }
 
 pub(crate) struct Service {
@@ -107,6 +110,18 @@ impl Service {
             f(&mut h.status);
         }
         self.publish();
+    }
+
+    /// The lowest free address block below `blocks`.
+    fn alloc_slot(&self, blocks: u32) -> Option<u32> {
+        let mut st = self.lock();
+        let slot = (0..blocks).find(|s| !st.slots.contains(s))?;
+        st.slots.insert(slot);
+        Some(slot)
+    }
+
+    fn free_slot(&self, slot: u32) {
+        self.lock().slots.remove(&slot);
     }
 
     /// A replica's task ended: it is gone.

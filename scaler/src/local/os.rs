@@ -97,10 +97,10 @@ pub fn established_on(tables: &[String], port: u16) -> usize {
         .count()
 }
 
-/// Established connections of a local port now.
-pub async fn established_now(port: u16) -> usize {
+/// Established connections of a local port now, in the network namespace of process `pid`.
+pub async fn established_now(pid: u32, port: u16) -> usize {
     let mut tables = Vec::new();
-    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    for f in [format!("/proc/{pid}/net/tcp"), format!("/proc/{pid}/net/tcp6")] {
         if let Ok(t) = tokio::fs::read_to_string(f).await {
             tables.push(t);
         }

@@ -6,7 +6,9 @@ use std::{net::SocketAddr, process::Stdio, sync::Arc, time::Duration};
 
 use tokio::{process::Child, sync::watch};
 
-use super::{config::command_for, os, probe::probe, ReplicaState, Service, Stop, ROTATION_WAIT};
+use super::{
+    config::command_for, netns::NetNs, os, probe::probe, ReplicaState, Service, Stop, ROTATION_WAIT,
+};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -15,6 +17,27 @@ const PROBE_STARTING: Duration = Duration::from_millis(100);
 const PROBE_READY: Duration = Duration::from_secs(1);
 /// Failed probes in a row that take a ready replica out of rotation.
 const FAILURES_TO_UNREADY: u32 = 3;
+
+/// A started replica and what was made for it.
+struct Running {
+    child: Child,
+    addr: SocketAddr,
+    cgroup: Option<std::path::PathBuf>,
+    netns: Option<(NetNs, u32)>,
+}
+
+impl Running {
+    /// Removes the replica's cgroup and namespace (after its process is gone).
+    async fn clean_up(self, svc: &Service) {
+        if let Some(dir) = self.cgroup {
+            let _ = tokio::task::spawn_blocking(move || os::remove_cgroup(&dir)).await;
+        }
+        if let Some((ns, slot)) = self.netns {
+            ns.remove().await;
+            svc.free_slot(slot);
+        }
+    }
+}
 
 enum Outcome {
     Stop(Stop),
@@ -28,14 +51,13 @@ pub(super) async fn run(svc: Arc<Service>, id: u32, mut stop: watch::Receiver<Op
     loop {
         let failure = match start(&svc, id, &name).await {
             Err(e) => e,
-            Ok((mut child, addr, cgroup)) => {
-                let outcome = supervise(&svc, id, &mut child, addr, &mut stop).await;
+            Ok(mut running) => {
+                let (addr, child) = (running.addr, &mut running.child);
+                let outcome = supervise(&svc, id, child, addr, &mut stop).await;
                 let failure = match outcome {
                     Outcome::Stop(kind) => {
-                        halt(&svc, id, &mut child, addr, kind, &stop).await;
-                        if let Some(dir) = cgroup {
-                            let _ = tokio::task::spawn_blocking(move || os::remove_cgroup(&dir)).await;
-                        }
+                        halt(&svc, id, child, addr, kind, &stop).await;
+                        running.clean_up(&svc).await;
                         tracing::info!(service = %svc.name, replica = %name, "replica stopped");
                         svc.finished(id);
                         return;
@@ -49,16 +71,14 @@ pub(super) async fn run(svc: Arc<Service>, id: u32, mut stop: watch::Receiver<Op
                         }
                     }
                     Outcome::NeverReady(err) => {
-                        kill(&mut child).await;
+                        kill(child).await;
                         format!(
                             "not ready after {}: {err}",
                             humantime::format_duration(svc.spec.ready_timeout)
                         )
                     }
                 };
-                if let Some(dir) = cgroup {
-                    let _ = tokio::task::spawn_blocking(move || os::remove_cgroup(&dir)).await;
-                }
+                running.clean_up(&svc).await;
                 failure
             }
         };
@@ -81,12 +101,28 @@ pub(super) async fn run(svc: Arc<Service>, id: u32, mut stop: watch::Receiver<Op
 }
 
 /// Starts the command on a free port, in a fresh cgroup.
-async fn start(
-    svc: &Arc<Service>,
-    id: u32,
-    name: &str,
-) -> Result<(Child, SocketAddr, Option<std::path::PathBuf>), String> {
-    let addr = os::free_addr(svc.spec.service_address).map_err(|e| format!("no free port: {e}"))?;
+async fn start(svc: &Arc<Service>, id: u32, name: &str) -> Result<Running, String> {
+    let (addr, netns) = match svc.spec.netns_subnet {
+        None => (
+            os::free_addr(svc.spec.service_address).map_err(|e| format!("no free port: {e}"))?,
+            None,
+        ),
+        Some(subnet) => {
+            let slot = svc
+                .alloc_slot(subnet.blocks())
+                .ok_or_else(|| "no free address block in netns_subnet".to_string())?;
+            match NetNs::create(&format!("surge-{name}"), &subnet, slot).await {
+                Ok(ns) => (
+                    SocketAddr::new(ns.replica_ip, svc.spec.service_address.port()),
+                    Some((ns, slot)),
+                ),
+                Err(e) => {
+                    svc.free_slot(slot);
+                    return Err(format!("cannot make its network namespace: {e}"));
+                }
+            }
+        }
+    };
     let cgroup = svc.cgroup.as_ref().and_then(|(dir, rel)| {
         let d = dir.join(name);
         match std::fs::create_dir_all(&d) {
@@ -99,6 +135,7 @@ async fn start(
     });
     let argv = command_for(&svc.spec, addr, name);
     let procs = cgroup.as_ref().and_then(|(d, _)| os::procs_path(d));
+    let ns_fd = netns.as_ref().map(|(ns, _)| ns.fd());
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env("SURGE_REPLICA", name)
@@ -109,7 +146,12 @@ async fn start(
         .kill_on_drop(true);
     // SAFETY: the closure only makes async-signal-safe syscalls on memory prepared before fork.
     unsafe {
-        cmd.pre_exec(move || os::in_child(procs.as_ref()));
+        cmd.pre_exec(move || {
+            if let Some(fd) = ns_fd {
+                super::netns::enter(fd)?;
+            }
+            os::in_child(procs.as_ref())
+        });
     }
     let rel = cgroup.as_ref().map(|(_, r)| r.clone());
     svc.update(id, |r| {
@@ -124,11 +166,20 @@ async fn start(
             let pid = child.id();
             tracing::info!(service = %svc.name, replica = %name, addr = %addr, pid, "replica started");
             svc.update(id, |r| r.pid = pid);
-            Ok((child, addr, dir))
+            Ok(Running {
+                child,
+                addr,
+                cgroup: dir,
+                netns,
+            })
         }
         Err(e) => {
             if let Some(d) = dir {
                 let _ = std::fs::remove_dir(d);
+            }
+            if let Some((ns, slot)) = netns {
+                ns.remove().await;
+                svc.free_slot(slot);
             }
             Err(format!("cannot start {:?}: {e}", argv[0]))
         }
@@ -225,7 +276,8 @@ async fn halt(
             if matches!(child.try_wait(), Ok(Some(_))) || now_asked() {
                 break;
             }
-            let open = os::established_now(addr.port()).await;
+            let Some(pid) = child.id() else { break };
+            let open = os::established_now(pid, addr.port()).await;
             if open == 0 {
                 break;
             }
