@@ -2,7 +2,9 @@
 //! - `cgroup_skb` ingress/egress on the cgroup v2 root see every TCP segment of watched server
 //!   endpoints: requests arriving, responses leaving, bytes, TLS (http1.rs);
 //! - `sock_ops` sees connections of those endpoints open and close (connections.rs);
-//! - the `sched_switch` tracepoint charges CPU time to watched cgroups (cpu.rs).
+//! - the `sched_switch` tracepoint charges CPU time to watched cgroups (cpu.rs);
+//! - `cgroup_sock_addr` connect4/connect6 balance connections to service addresses over ready
+//!   replicas (balance.rs).
 //!
 //! They keep cumulative per-service counters the agent reads; this side never allocates or blocks.
 #![no_std]
@@ -10,6 +12,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod balance;
 mod connections;
 mod counters;
 mod cpu;
@@ -18,8 +21,8 @@ mod maps;
 mod packet;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, sock_ops, tracepoint},
-    programs::{SkBuffContext, SockOpsContext, TracePointContext},
+    macros::{cgroup_skb, cgroup_sock_addr, sock_ops, tracepoint},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext, TracePointContext},
 };
 
 use crate::packet::Direction;
@@ -42,6 +45,19 @@ pub fn surge_skb_egress(ctx: SkBuffContext) -> i32 {
 #[sock_ops]
 pub fn surge_sock_ops(ctx: SockOpsContext) -> u32 {
     let _ = connections::on_sock_op(&ctx);
+    1
+}
+
+/// Connect hooks always allow the connect (1); they may have rewritten its destination.
+#[cgroup_sock_addr(connect4)]
+pub fn surge_connect4(ctx: SockAddrContext) -> i32 {
+    let _ = balance::connect4(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn surge_connect6(ctx: SockAddrContext) -> i32 {
+    let _ = balance::connect6(&ctx);
     1
 }
 

@@ -6,7 +6,7 @@ use std::{fs::File, path::Path};
 
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps, TracePoint},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use surge_common::{EndpointKey, ServiceCounters};
@@ -45,6 +45,8 @@ pub struct KernelProbe {
     watched: HashMap<MapData, EndpointKey, u32>,
     cgroups: HashMap<MapData, u64, u32>,
     counters: PerCpuArray<MapData, ServiceCounters>,
+    /// The connect-time load balancer (connect4/connect6) and its maps.
+    pub balancer: crate::backends::Balancer,
 }
 
 const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
@@ -79,6 +81,7 @@ impl KernelProbe {
         sock_ops
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|source| KernelError::Program { name, source })?;
+        let balancer = crate::backends::Balancer::attach(&mut ebpf, &cgroup)?;
         let name = "surge_sched_switch";
         let switch: &mut TracePoint = loaded(&mut ebpf, name)?;
         switch
@@ -93,6 +96,7 @@ impl KernelProbe {
             watched,
             cgroups,
             counters,
+            balancer,
         })
     }
 
@@ -171,7 +175,7 @@ impl KernelProbe {
 }
 
 /// The program `name` of the object, as type `P`, loaded into the kernel.
-fn loaded<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, KernelError>
+pub(crate) fn loaded<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, KernelError>
 where
     P: ProgramLoad,
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
@@ -188,7 +192,7 @@ where
 }
 
 /// The `load` every program type has, under one name.
-trait ProgramLoad {
+pub(crate) trait ProgramLoad {
     fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
 }
 
@@ -201,9 +205,9 @@ macro_rules! program_load {
         }
     )*};
 }
-program_load!(CgroupSkb, SockOps, TracePoint);
+program_load!(CgroupSkb, CgroupSockAddr, SockOps, TracePoint);
 
-fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {

@@ -1,6 +1,7 @@
 //! surge-agent: measures per-service traffic in the kernel and streams it to the scaler.
 
 pub mod attribution;
+pub mod backends;
 pub mod backoff;
 pub mod cgroups;
 pub mod clock;

@@ -134,9 +134,12 @@ async fn read_report(
 ) -> Result<Report, LinkError> {
     let node = Arc::clone(node);
     let clock2 = Arc::clone(clock);
-    let (monotonic_ns, services) = tokio::task::spawn_blocking(move || {
+    let ((monotonic_ns, services), balancers) = tokio::task::spawn_blocking(move || {
         let mut node = node.lock().map_err(|e| e.to_string())?;
-        node.read_all(|| clock2.monotonic_ns()).map_err(|e| e.to_string())
+        let read = node
+            .read_all(|| clock2.monotonic_ns())
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((read, node.balancers().map_err(|e| e.to_string())?))
     })
     .await
     .map_err(|e| LinkError::Read(e.to_string()))?
@@ -147,5 +150,6 @@ async fn read_report(
         monotonic_ns,
         unix_ms: clock.unix_ms(),
         services,
+        balancers,
     })
 }

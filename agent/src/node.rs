@@ -10,7 +10,7 @@ use surge_proto::v1::{ServiceCounters as WireCounters, WatchSet};
 
 use crate::{
     attribution::{Attribution, AttributionError},
-    cgroups,
+    backends, cgroups,
     kernel::{KernelError, KernelProbe},
     report,
 };
@@ -78,7 +78,20 @@ impl Node {
             })
             .collect();
         self.refresh_cgroups()?;
+        let ids: HashMap<String, u32> = self
+            .attribution
+            .services()
+            .map(|(n, id)| (n.to_string(), id))
+            .collect();
+        self.probe
+            .balancer
+            .apply(backends::wanted(set, |n| ids.get(n).copied()))?;
         Ok(())
+    }
+
+    /// What the kernel's load balancer holds now.
+    pub fn balancers(&self) -> Result<Vec<surge_proto::v1::Balancer>, NodeError> {
+        Ok(self.probe.balancer.read()?)
     }
 
     /// Brings the kernel's cgroup map in line with the cgroup tree now: replicas come and go, and

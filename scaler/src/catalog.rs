@@ -15,6 +15,18 @@ pub enum Mode {
     Observe,
     /// An in-memory target whose replicas become ready after `startup` (tests, dry runs).
     Simulated,
+    /// Processes on this machine, balanced in the kernel at connect (the local actuator).
+    Local,
+}
+
+/// What the local actuator adds to a service's watch entry: the address clients use, the
+/// replicas ready to serve (in rotation), and every live replica's endpoint and cgroup (measured).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Balance {
+    pub service_address: Option<SocketAddr>,
+    pub backends: Vec<SocketAddr>,
+    pub endpoints: Vec<SocketAddr>,
+    pub cgroups: Vec<String>,
 }
 
 /// Resources one replica asks for: the denominators of `Utilization` triggers.
@@ -48,15 +60,18 @@ pub struct ServiceSpec {
 pub struct Catalog {
     specs: std::sync::RwLock<Vec<ServiceSpec>>,
     watch_tx: watch::Sender<WatchSet>,
+    /// The local actuator's additions, by service.
+    balance: std::sync::Mutex<std::collections::BTreeMap<String, Balance>>,
 }
 
 impl Catalog {
     pub fn new(specs: Vec<ServiceSpec>) -> Self {
-        let set = watch_set(&specs, 1);
+        let set = watch_set(&specs, &Default::default(), 1);
         let (watch_tx, _) = watch::channel(set);
         Self {
             specs: std::sync::RwLock::new(specs),
             watch_tx,
+            balance: Default::default(),
         }
     }
 
@@ -73,29 +88,59 @@ impl Catalog {
     /// Replaces the declared services and publishes the new watch set to every agent.
     pub fn replace(&self, specs: Vec<ServiceSpec>) {
         let generation = self.watch_tx.borrow().generation + 1;
-        self.watch_tx.send_replace(watch_set(&specs, generation));
+        let balance = self.balance.lock().map(|b| b.clone()).unwrap_or_default();
+        self.watch_tx
+            .send_replace(watch_set(&specs, &balance, generation));
         if let Ok(mut s) = self.specs.write() {
             *s = specs;
         }
     }
+
+    /// Sets what the local actuator adds to a service and publishes the new watch set if it
+    /// changed. Returns the generation that carries it.
+    pub fn set_balance(&self, service: &str, b: Balance) -> u64 {
+        let mut all = self.balance.lock().unwrap_or_else(|e| e.into_inner());
+        if all.get(service) == Some(&b) {
+            return self.watch_tx.borrow().generation;
+        }
+        all.insert(service.to_string(), b);
+        let generation = self.watch_tx.borrow().generation + 1;
+        self.watch_tx
+            .send_replace(watch_set(&self.specs(), &all, generation));
+        generation
+    }
+
+    /// The local actuator's additions to a service, as published.
+    pub fn balance(&self, service: &str) -> Option<Balance> {
+        self.balance.lock().ok()?.get(service).cloned()
+    }
 }
 
-fn watch_set(specs: &[ServiceSpec], generation: u64) -> WatchSet {
+fn endpoint(e: &SocketAddr) -> Endpoint {
+    Endpoint {
+        ip: e.ip().to_string(),
+        port: e.port() as u32,
+    }
+}
+
+fn watch_set(
+    specs: &[ServiceSpec],
+    balance: &std::collections::BTreeMap<String, Balance>,
+    generation: u64,
+) -> WatchSet {
     WatchSet {
         generation,
         services: specs
             .iter()
-            .map(|s| WatchedService {
-                name: s.name.clone(),
-                endpoints: s
-                    .endpoints
-                    .iter()
-                    .map(|e| Endpoint {
-                        ip: e.ip().to_string(),
-                        port: e.port() as u32,
-                    })
-                    .collect(),
-                cgroups: s.cgroups.clone(),
+            .map(|s| {
+                let b = balance.get(&s.name).cloned().unwrap_or_default();
+                WatchedService {
+                    name: s.name.clone(),
+                    endpoints: s.endpoints.iter().chain(&b.endpoints).map(endpoint).collect(),
+                    cgroups: s.cgroups.iter().chain(&b.cgroups).cloned().collect(),
+                    service_address: b.service_address.as_ref().map(endpoint),
+                    backends: b.backends.iter().map(endpoint).collect(),
+                }
             })
             .collect(),
     }

@@ -2,7 +2,7 @@
 //! Every error names the field, the value and what is allowed.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::Duration,
@@ -82,6 +82,8 @@ struct FileService {
     cpu_request: Option<f64>,
     /// Memory bytes one replica asks for (for Utilization triggers).
     memory_request: Option<u64>,
+    /// The local actuator's settings (`actuator: local`).
+    local: Option<crate::local::config::FileLocal>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +95,8 @@ pub struct Settings {
     pub policy_dir: PathBuf,
     /// How often policies are evaluated.
     pub tick: Duration,
+    /// Services run by the local actuator, by name.
+    pub local: BTreeMap<String, crate::local::LocalSpec>,
 }
 
 impl Settings {
@@ -132,8 +136,35 @@ impl Settings {
         let http_listen = listen("http_listen", args.http_listen, file.http_listen, 8080)?;
 
         let mut services = Vec::new();
+        let mut local = BTreeMap::new();
         for (i, s) in file.services.iter().enumerate() {
-            services.push(service(&format!("services[{i}]"), s).map_err(in_file)?);
+            let field = format!("services[{i}]");
+            let spec = service(&field, s).map_err(in_file)?;
+            match (&s.local, spec.mode) {
+                (Some(l), Mode::Local) => {
+                    local.insert(
+                        spec.name.clone(),
+                        crate::local::config::parse(&field, l).map_err(in_file)?,
+                    );
+                }
+                (None, Mode::Local) => {
+                    return Err(in_file(ConfigError::Invalid {
+                        field: format!("{field}.local"),
+                        value: String::new(),
+                        message: "must be given when actuator is local (command, service_address, readiness)"
+                            .into(),
+                    }))
+                }
+                (Some(_), _) => {
+                    return Err(in_file(ConfigError::Invalid {
+                        field: format!("{field}.local"),
+                        value: s.actuator.clone().unwrap_or_else(|| "observe".into()),
+                        message: "is only allowed with actuator: local".into(),
+                    }))
+                }
+                (None, _) => {}
+            }
+            services.push(spec);
         }
         for flag in &args.observe {
             let (name, eps) = flag.split_once('=').ok_or_else(|| ConfigError::Invalid {
@@ -173,6 +204,7 @@ impl Settings {
             services,
             policy_dir,
             tick,
+            local,
         })
     }
 }
@@ -199,7 +231,8 @@ fn service(field: &str, declared: &FileService) -> Result<ServiceSpec, ConfigErr
                     .into(),
         });
     }
-    if endpoints.is_empty() {
+    // A local service's replicas are its endpoints: they come and go with the replicas.
+    if endpoints.is_empty() && declared.actuator.as_deref() != Some("local") {
         return Err(ConfigError::Invalid {
             field: format!("{field}.endpoints"),
             value: String::new(),
@@ -233,11 +266,12 @@ fn service(field: &str, declared: &FileService) -> Result<ServiceSpec, ConfigErr
     let mode = match declared.actuator.as_deref() {
         None | Some("observe") => Mode::Observe,
         Some("simulated") => Mode::Simulated,
+        Some("local") => Mode::Local,
         Some(other) => {
             return Err(invalid(
                 "actuator",
                 other.into(),
-                "must be one of observe, simulated",
+                "must be one of observe, simulated, local",
             ))
         }
     };

@@ -73,16 +73,20 @@ pub struct Controller {
     simulated: Arc<Simulated>,
     /// Prometheus queries of external triggers; none until [`Controller::with_sources`].
     sources: Option<MetricSources>,
+    /// The local actuator, when the binary runs one (see `with_local`).
+    local: Arc<dyn Actuator>,
 }
 
 impl Controller {
     pub fn new(shared: Arc<Shared>, policies: PolicyDir, defaults: Defaults) -> Self {
         let dry_run = Arc::new(Simulated::new(Arc::clone(&shared.clock), "dry-run"));
         let simulated = Arc::new(Simulated::new(Arc::clone(&shared.clock), "simulated"));
+        let shared_clock = Arc::clone(&shared.clock);
         for spec in shared.catalog.specs() {
             match spec.mode {
                 Mode::Observe => dry_run.add(&spec.name, spec.initial_replicas, Duration::ZERO),
                 Mode::Simulated => simulated.add(&spec.name, spec.initial_replicas, spec.startup),
+                Mode::Local => {}
             }
         }
         Self {
@@ -93,6 +97,8 @@ impl Controller {
             dry_run,
             simulated,
             sources: None,
+            // Until `with_local`: no local service has a target.
+            local: Arc::new(Simulated::new(Arc::clone(&shared_clock), "local")),
         }
     }
 
@@ -102,10 +108,17 @@ impl Controller {
         self
     }
 
+    /// Sends `actuator: local` services to `local`.
+    pub fn with_local(mut self, local: Arc<dyn Actuator>) -> Self {
+        self.local = local;
+        self
+    }
+
     fn actuator(&self, spec: &ServiceSpec) -> Arc<dyn Actuator> {
         match spec.mode {
             Mode::Observe => self.dry_run.clone(),
             Mode::Simulated => self.simulated.clone(),
+            Mode::Local => self.local.clone(),
         }
     }
 

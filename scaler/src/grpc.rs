@@ -76,6 +76,7 @@ impl AgentLink for AgentLinkService {
                         Ok(Some(AgentMessage { body: Some(agent_message::Body::Report(r)) })) => {
                             let now = shared.clock.now();
                             shared.ingest().record(&node, instance, &r, now);
+                            shared.local.record(&node, &r.balancers, now);
                             shared.feed.publish(now);
                         }
                         Ok(Some(_)) => tracing::warn!(node = %node, "ignoring an unexpected message"),

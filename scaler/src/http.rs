@@ -27,6 +27,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{name}", get(service))
         .route("/api/v1/services/{name}/decisions", get(decisions))
+        .route("/api/v1/services/{name}/replicas", get(replicas))
         .with_state(AppState { shared, registry })
 }
 
@@ -58,6 +59,18 @@ async fn service(State(app): State<AppState>, Path(name): Path<String>) -> Respo
         None => (
             StatusCode::NOT_FOUND,
             Json(serde_json::json!({ "error": format!("no service named {name:?}") })),
+        )
+            .into_response(),
+    }
+}
+
+/// The local actuator's replicas of a service, and the backends in each node's kernel map.
+async fn replicas(State(app): State<AppState>, Path(name): Path<String>) -> Response {
+    match app.shared.local.view(&name) {
+        Some(v) => Json(v).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": format!("no local service named {name:?}") })),
         )
             .into_response(),
     }

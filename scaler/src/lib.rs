@@ -11,6 +11,7 @@ pub mod http;
 pub mod ingest;
 pub mod keda;
 pub mod latency;
+pub mod local;
 pub mod metrics;
 pub mod observations;
 pub mod policies;

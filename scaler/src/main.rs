@@ -20,6 +20,7 @@ use surge_scaler::{
     grpc::AgentLinkService,
     http,
     keda::ExternalScalerService,
+    local::LocalActuator,
     policies::PolicyDir,
     sources::{self, MetricSources},
     state::Shared,
@@ -67,6 +68,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let env = EnvConfig::from_env(&ProcessEnv, KpaConfig::default())?;
     let tick = settings.tick;
+    let local_specs = settings.local.clone();
+    let initial: std::collections::BTreeMap<String, u32> = settings
+        .services
+        .iter()
+        .map(|s| (s.name.clone(), s.initial_replicas))
+        .collect();
     let policy_dir = settings.policy_dir.clone();
     let shared = Arc::new(Shared::new(
         Catalog::new(settings.services),
@@ -99,14 +106,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let web = axum::serve(http_listener, http::router(Arc::clone(&shared)))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let prometheus = sources::Settings::from_env(&ProcessEnv, env.metric_provider, env.prometheus_endpoint)?;
+    let local = Arc::new(LocalActuator::start(Arc::clone(&shared), local_specs, &initial));
     let controller = Controller::new(Arc::clone(&shared), PolicyDir::new(policy_dir), env.defaults)
-        .with_sources(MetricSources::start(prometheus).await?);
-    let control = tokio::spawn(controller.run(tick, stop_rx.clone()));
+        .with_sources(MetricSources::start(prometheus).await?)
+        .with_local(local.clone());
+    let mut control = tokio::spawn(controller.run(tick, stop_rx.clone()));
     let grpc = tokio::spawn(grpc);
     let web = tokio::spawn(async move { web.await });
     shutdown_signal().await;
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
+    // The control loop stops first, so nothing scales while the replicas stop.
+    let _ = tokio::time::timeout(Duration::from_secs(2), &mut control).await;
+    local.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = grpc.await;
         let _ = web.await;

@@ -16,6 +16,8 @@ pub struct Shared {
     pub feed: Feed,
     /// What the control loop last did for each service with a policy.
     pub control: StatusBoard,
+    /// The local actuator's replicas and the agents' kernel load balancers.
+    pub local: crate::local::Board,
 }
 
 impl Shared {
@@ -26,6 +28,7 @@ impl Shared {
             clock,
             feed: Feed::default(),
             control: StatusBoard::default(),
+            local: Default::default(),
         }
     }
 

@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -53,12 +53,23 @@ pub struct LoadReport {
 
 /// Sends the requests and waits for every answer.
 pub fn run(spec: &LoadSpec) -> LoadReport {
+    run_until(spec, Arc::new(AtomicBool::new(false)))
+}
+
+/// Like `run`, but every worker also stops (after its current request) once `stop` is set: a
+/// closed loop for as long as the caller wants, with `requests` as a cap.
+pub fn run_until(spec: &LoadSpec, stop: Arc<AtomicBool>) -> LoadReport {
     let next = Arc::new(AtomicUsize::new(0));
     let body: Arc<Vec<u8>> = Arc::new(vec![b'x'; spec.body]);
     let handles: Vec<_> = (0..spec.workers.max(1))
         .map(|_| {
-            let (spec, next, body) = (spec.clone(), Arc::clone(&next), Arc::clone(&body));
-            std::thread::spawn(move || worker(&spec, &next, &body))
+            let (spec, next, body, stop) = (
+                spec.clone(),
+                Arc::clone(&next),
+                Arc::clone(&body),
+                Arc::clone(&stop),
+            );
+            std::thread::spawn(move || worker(&spec, &next, &body, &stop))
         })
         .collect();
     let mut total = LoadReport::default();
@@ -76,10 +87,10 @@ pub fn run(spec: &LoadSpec) -> LoadReport {
     total
 }
 
-fn worker(spec: &LoadSpec, next: &AtomicUsize, body: &[u8]) -> LoadReport {
+fn worker(spec: &LoadSpec, next: &AtomicUsize, body: &[u8], stop: &AtomicBool) -> LoadReport {
     let mut report = LoadReport::default();
     let mut conn: Option<Connection> = None;
-    while next.fetch_add(1, Ordering::Relaxed) < spec.requests {
+    while !stop.load(Ordering::Relaxed) && next.fetch_add(1, Ordering::Relaxed) < spec.requests {
         let start = Instant::now();
         let result = (|| {
             let c = match conn.take() {

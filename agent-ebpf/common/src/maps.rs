@@ -10,6 +10,10 @@ pub const MAX_ENDPOINTS: u32 = 16384;
 pub const MAX_CONNECTIONS: u32 = 262_144;
 /// How many cgroups (a service's replicas and their descendants) can be attributed.
 pub const MAX_CGROUPS: u32 = 16384;
+/// How many service addresses the connect-time load balancer can hold.
+pub const MAX_BALANCED: u32 = 1024;
+/// How many ready backends one balanced service can have (the slots of `BACKENDS` per service).
+pub const MAX_BACKENDS: u32 = 64;
 
 /// `ConnState::flags`: the connection's first payload has been seen.
 pub const CONN_SEEN_PAYLOAD: u32 = 1;
@@ -112,6 +116,21 @@ pub struct ServiceCounters {
     pub tls_connections: u64,
 }
 
+/// A service address of the connect-time load balancer (`SERVICE_ADDRS` value): which block of
+/// `BACKENDS` holds its ready backends and how many there are.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Balanced {
+    /// The service's id: its backends are `BACKENDS[id * MAX_BACKENDS ..][..count]`.
+    pub service_id: u32,
+    /// Ready backends, 0 to `MAX_BACKENDS`; 0 leaves connections alone.
+    pub count: u32,
+    /// Round-robin cursor, incremented atomically by every redirected connect.
+    pub next: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: every type is #[repr(C)], made only of integers and arrays of integers, with all
@@ -120,6 +139,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::ConnState {}
     unsafe impl aya::Pod for super::ServiceCounters {}
+    unsafe impl aya::Pod for super::Balanced {}
 }
 
 impl Default for ServiceCounters {

@@ -17,6 +17,7 @@ fn set(services: &[(&str, &[(&str, u32)])]) -> WatchSet {
                     })
                     .collect(),
                 cgroups: vec![],
+                ..Default::default()
             })
             .collect(),
     }

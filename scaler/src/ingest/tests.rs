@@ -17,6 +17,7 @@ fn report(at_s: u64, services: &[(&str, u64, f64)]) -> Report {
                 ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 

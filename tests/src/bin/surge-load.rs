@@ -1,18 +1,27 @@
-//! Sends a fixed number of HTTP requests and prints how many were answered.
+//! Sends HTTP requests and prints how many were answered: a fixed number (`--requests`), or a
+//! closed loop of `--workers` clients for `--duration`.
 
-use std::{net::SocketAddr, process::ExitCode};
+use std::{
+    net::SocketAddr,
+    process::ExitCode,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
 
 use clap::Parser;
-use surge_tests::load::{run, LoadSpec};
+use surge_tests::load::{run_until, LoadSpec};
 
 #[derive(Parser)]
 struct Args {
     /// Where to send the requests.
     #[arg(long)]
     target: SocketAddr,
-    /// How many requests in all.
-    #[arg(long, default_value_t = 1000)]
-    requests: usize,
+    /// How many requests in all (with --duration: at most).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Send for this long (e.g. 15s) instead of a fixed number of requests.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
     /// Parallel workers.
     #[arg(long, default_value_t = 4)]
     workers: usize,
@@ -26,17 +35,35 @@ struct Args {
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    let requests = match (a.requests, a.duration) {
+        (Some(n), _) => n,
+        (None, Some(_)) => usize::MAX,
+        (None, None) => 1000,
+    };
     let spec = LoadSpec {
         workers: a.workers,
         keep_alive: !a.new_connections,
         path: a.path,
-        ..LoadSpec::get(a.target, a.requests)
+        ..LoadSpec::get(a.target, requests)
     };
-    let r = run(&spec);
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Some(d) = a.duration {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+    let r = run_until(&spec, stop);
     println!(
         "sent {} requests: {} answered, {} failed",
-        a.requests, r.ok, r.failed
+        r.ok + r.failed,
+        r.ok,
+        r.failed
     );
+    for e in r.errors.iter().take(3) {
+        eprintln!("error: {e}");
+    }
     if r.failed == 0 {
         ExitCode::SUCCESS
     } else {

@@ -1,6 +1,7 @@
 //! A sample HTTP service for tests and the demo: answers `/` with a short text, `/sleep?ms=N`
 //! after N ms, `/burn?ms=N` after N ms of CPU, `/bytes?n=N` with N bytes, and `POST /echo`
-//! with the length of the body it read. Prints `listening on ADDR` once bound.
+//! with the length of the body it read. Prints `listening on ADDR` once bound; on SIGTERM it
+//! finishes the requests in flight and exits.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -56,7 +57,20 @@ async fn main() -> anyhow::Result<()> {
         );
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
-    axum::serve(listener, app).await?;
+    // SIGTERM or Ctrl-C: stop accepting, finish the requests in flight, then exit (what the
+    // local actuator's drain expects of a replica).
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        })
+        .await?;
     Ok(())
 }
 

@@ -1,0 +1,131 @@
+//! The connect-time load balancer: a `cgroup_sock_addr` connect4/connect6 program on the cgroup v2
+//! root. When a TCP socket connects to a balanced service address (`SERVICE_ADDRS`), the
+//! destination is rewritten to one of the service's ready backends (`BACKENDS`), round robin.
+//! Nothing stays in the request path: the client talks to the replica directly.
+//!
+//! Every connect is allowed (the programs return 1); an address that is not balanced, or a
+//! service with no ready backend, is left alone.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap},
+    programs::SockAddrContext,
+};
+use core::{
+    intrinsics::{atomic_xadd, AtomicOrdering},
+    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
+};
+
+use surge_common::{Balanced, EndpointKey, MAX_BACKENDS, MAX_BALANCED, MAX_SERVICES};
+
+/// Balanced service addresses (IPv4 as v4-mapped) → where their backends are. Written by the agent.
+#[map(name = "SERVICE_ADDRS")]
+pub static SERVICE_ADDRS: HashMap<EndpointKey, Balanced> = HashMap::with_max_entries(MAX_BALANCED, 0);
+
+/// Ready backends: service id × `MAX_BACKENDS` slots. Written by the agent.
+#[map(name = "BACKENDS")]
+pub static BACKENDS: Array<EndpointKey> = Array::with_max_entries(MAX_SERVICES * MAX_BACKENDS, 0);
+
+const SOCK_STREAM: u32 = 1;
+const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+/// The next backend of a balanced address, if it has one.
+#[inline(always)]
+fn pick(key: &EndpointKey) -> Option<EndpointKey> {
+    let b = SERVICE_ADDRS.get_ptr_mut(key)?;
+    // SAFETY: `b` points at a map value, valid while the program runs; the cursor is only ever
+    // changed with an atomic add (a racing connect may reuse a slot, which is harmless).
+    let (id, count, next) = unsafe {
+        (
+            read_volatile(addr_of!((*b).service_id)),
+            read_volatile(addr_of!((*b).count)),
+            read_volatile(addr_of!((*b).next)),
+        )
+    };
+    if count == 0 || count > MAX_BACKENDS || id >= MAX_SERVICES {
+        return None;
+    }
+    // SAFETY: as above; the result is unused, so this is a plain BPF atomic add.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(addr_of_mut!((*b).next), 1) };
+    let slot = id * MAX_BACKENDS + next % count;
+    BACKENDS.get(slot).copied()
+}
+
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext) -> Option<()> {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the program's context; each access is one field at its constant offset.
+    let (ty, ip, port) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).type_)),
+            read_volatile(addr_of!((*sa).user_ip4)),
+            read_volatile(addr_of!((*sa).user_port)),
+        )
+    };
+    if ty != SOCK_STREAM {
+        return None;
+    }
+    // Both are in network byte order: the address's bytes in memory order are its octets.
+    let key = EndpointKey::v4(ip.to_ne_bytes(), u16::from_be(port as u16));
+    let to = pick(&key)?;
+    if to.addr[..12] != V4_MAPPED_PREFIX {
+        return None;
+    }
+    let ip = u32::from_ne_bytes([to.addr[12], to.addr[13], to.addr[14], to.addr[15]]);
+    // SAFETY: connect4 programs may write user_ip4 and user_port.
+    unsafe {
+        write_volatile(addr_of_mut!((*sa).user_ip4), ip);
+        write_volatile(addr_of_mut!((*sa).user_port), to.port.to_be() as u32);
+    }
+    Some(())
+}
+
+#[inline(always)]
+pub fn connect6(ctx: &SockAddrContext) -> Option<()> {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in `connect4`.
+    let (ty, w, port) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).type_)),
+            [
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ],
+            read_volatile(addr_of!((*sa).user_port)),
+        )
+    };
+    if ty != SOCK_STREAM {
+        return None;
+    }
+    let mut addr = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    // IPv4 addresses are keyed v4-mapped, so a dual-stack socket connecting to
+    // ::ffff:a.b.c.d finds an IPv4 service address too.
+    let to = pick(&EndpointKey::new(addr, u16::from_be(port as u16)))?;
+    let a = to.addr;
+    // SAFETY: connect6 programs may write user_ip6 and user_port.
+    unsafe {
+        write_volatile(
+            addr_of_mut!((*sa).user_ip6[0]),
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        );
+        write_volatile(
+            addr_of_mut!((*sa).user_ip6[1]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        );
+        write_volatile(
+            addr_of_mut!((*sa).user_ip6[2]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        );
+        write_volatile(
+            addr_of_mut!((*sa).user_ip6[3]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        );
+        write_volatile(addr_of_mut!((*sa).user_port), to.port.to_be() as u32);
+    }
+    Some(())
+}
