@@ -3,8 +3,8 @@
 //! destination is rewritten to one of the service's ready backends (`BACKENDS`), round robin.
 //! Nothing stays in the request path: the client talks to the replica directly.
 //!
-//! Every connect is allowed (the programs return 1); an address that is not balanced, or a
-//! service with no ready backend, is left alone.
+//! Every connect is allowed (the programs return 1); an address that is not balanced is left
+//! alone, and a service with no ready backend is sent to the agent's holder (holder.rs), if any.
 
 use aya_ebpf::{
     macros::map,
@@ -35,13 +35,18 @@ fn pick(key: &EndpointKey) -> Option<EndpointKey> {
     let b = SERVICE_ADDRS.get_ptr_mut(key)?;
     // SAFETY: `b` points at a map value, valid while the program runs; the cursor is only ever
     // changed with an atomic add (a racing connect may reuse a slot, which is harmless).
-    let (id, count, next) = unsafe {
+    let (id, count, next, holder_port) = unsafe {
         (
             read_volatile(addr_of!((*b).service_id)),
             read_volatile(addr_of!((*b).count)),
             read_volatile(addr_of!((*b).next)),
+            read_volatile(addr_of!((*b).holder_port)),
         )
     };
+    // No ready replica: the agent's holder accepts the connection and keeps it until one is.
+    if count == 0 && holder_port != 0 && holder_port <= u16::MAX as u32 {
+        return Some(EndpointKey::v4([127, 0, 0, 1], holder_port as u16));
+    }
     if count == 0 || count > MAX_BACKENDS || id >= MAX_SERVICES {
         return None;
     }

@@ -25,12 +25,18 @@ pub struct Entry {
     pub service: String,
     pub service_id: u32,
     pub backends: Vec<EndpointKey>,
+    /// The agent's holder port for this service (0: none).
+    pub holder_port: u16,
 }
 
 /// What the balancer should hold for a watch set, given each service's id. Services without a
 /// valid service address are not balanced; backends past `MAX_BACKENDS` or with a bad address
 /// are left out (and logged).
-pub fn wanted<'a>(set: &WatchSet, ids: impl Fn(&str) -> Option<u32> + 'a) -> Map<EndpointKey, Entry> {
+pub fn wanted<'a>(
+    set: &WatchSet,
+    ids: impl Fn(&str) -> Option<u32> + 'a,
+    holder_port: impl Fn(&str) -> u16 + 'a,
+) -> Map<EndpointKey, Entry> {
     let mut out = Map::new();
     for s in &set.services {
         let Some(addr) = &s.service_address else { continue };
@@ -53,6 +59,7 @@ pub fn wanted<'a>(set: &WatchSet, ids: impl Fn(&str) -> Option<u32> + 'a) -> Map
                 service: s.name.clone(),
                 service_id: id,
                 backends,
+                holder_port: holder_port(&s.name),
             },
         );
     }
@@ -99,7 +106,7 @@ impl Balancer {
                 service_id: entry.service_id,
                 count: count as u32,
                 next: 0,
-                _pad: 0,
+                holder_port: entry.holder_port as u32,
             };
             let old = self
                 .current
@@ -200,7 +207,7 @@ mod tests {
                 },
             ],
         };
-        let w = wanted(&set, |n| (n == "web").then_some(3));
+        let w = wanted(&set, |n| (n == "web").then_some(3), |_| 0);
         assert_eq!(w.len(), 1);
         let (key, entry) = w.iter().next().expect("one");
         assert_eq!(*key, EndpointKey::v4([127, 0, 0, 1], 8000));

@@ -48,6 +48,10 @@ pub struct Args {
     /// How often counters are read and sent, 100ms to 60s [default: 1s].
     #[arg(long, env = "SURGE_REPORT_INTERVAL", value_parser = parse_duration)]
     pub report_interval: Option<Duration>,
+    /// How long a connection to a service with no ready replica is held, 1s to 10m; then HTTP
+    /// clients get 503 with Retry-After and others are closed.
+    #[arg(long, env = "SURGE_HOLD_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub hold_timeout: Duration,
     /// The cgroup v2 directory the programs attach to [default: the cgroup2 mount in /proc/mounts].
     #[arg(long, env = "SURGE_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -94,6 +98,7 @@ pub struct Settings {
     pub scaler: String,
     pub node: String,
     pub report_interval: Duration,
+    pub hold_timeout: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -148,10 +153,20 @@ impl Settings {
                 max: "60s".into(),
             });
         }
+        let hold_timeout = args.hold_timeout;
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&hold_timeout) {
+            return Err(ConfigError::OutOfRange {
+                field: "hold-timeout",
+                value: humantime::format_duration(hold_timeout).to_string(),
+                min: "1s".into(),
+                max: "10m".into(),
+            });
+        }
         Ok(Self {
             scaler,
             node,
             report_interval,
+            hold_timeout,
         })
     }
 }

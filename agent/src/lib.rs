@@ -7,6 +7,7 @@ pub mod cgroups;
 pub mod clock;
 pub mod config;
 pub mod holder;
+pub mod holding;
 pub mod kernel;
 pub mod link;
 pub mod node;

@@ -13,7 +13,9 @@ use surge_proto::v1::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{backoff::Backoff, clock::Clock, config::Settings, node::Node};
+use crate::{
+    backoff::Backoff, clock::Clock, config::Settings, holder::HoldConfig, holding::Holders, node::Node,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -51,9 +53,13 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut holders = Holders::new(HoldConfig {
+        timeout: settings.hold_timeout,
+        ..HoldConfig::default()
+    });
     loop {
         tokio::select! {
-            result = session(&settings, &node, &clock, &mut instance, &mut backoff) => {
+            result = session(&settings, &node, &clock, &mut instance, &mut backoff, &mut holders) => {
                 if let Err(e) = result {
                     tracing::warn!(scaler = %settings.scaler, error = %e, "scaler link down; retrying");
                 }
@@ -74,7 +80,9 @@ async fn session(
     clock: &Arc<dyn Clock>,
     instance: &mut Instance,
     backoff: &mut Backoff,
+    holders: &mut Holders,
 ) -> Result<(), LinkError> {
+    let demand = holders.demand();
     let endpoint = tonic::transport::Endpoint::from_shared(settings.scaler.clone())
         .map_err(|_| LinkError::Address(settings.scaler.clone()))?
         .connect_timeout(Duration::from_secs(2))
@@ -105,7 +113,8 @@ async fn session(
                 if let Some(scaler_command::Body::Watch(set)) = cmd.body {
                     let node = Arc::clone(node);
                     let generation = set.generation;
-                    let applied = tokio::task::spawn_blocking(move || node.lock().map_err(|e| e.to_string())?.apply(&set).map_err(|e| e.to_string()))
+                    let ports = holders.sync(&set).await;
+                    let applied = tokio::task::spawn_blocking(move || node.lock().map_err(|e| e.to_string())?.apply(&set, &ports).map_err(|e| e.to_string()))
                         .await
                         .map_err(|e| LinkError::Read(e.to_string()))?;
                     match applied {
@@ -114,8 +123,15 @@ async fn session(
                     }
                 }
             }
+            // A connection was just held: the scaler hears of the demand now, not at the next tick.
+            _ = demand.notified() => {
+                let report = read_report(node, clock, instance, holders).await?;
+                if tx.try_send(AgentMessage { body: Some(agent_message::Body::Report(report)) }).is_err() {
+                    tracing::warn!("scaler is slow; demand report skipped");
+                }
+            }
             _ = tick.tick() => {
-                let report = read_report(node, clock, instance).await?;
+                let report = read_report(node, clock, instance, holders).await?;
                 match tx.try_send(AgentMessage { body: Some(agent_message::Body::Report(report)) }) {
                     Ok(()) => {}
                     // The counters are cumulative: a skipped report loses nothing.
@@ -131,6 +147,7 @@ async fn read_report(
     node: &Arc<Mutex<Node>>,
     clock: &Arc<dyn Clock>,
     instance: &mut Instance,
+    holders: &Holders,
 ) -> Result<Report, LinkError> {
     let node = Arc::clone(node);
     let clock2 = Arc::clone(clock);
@@ -144,6 +161,8 @@ async fn read_report(
     .await
     .map_err(|e| LinkError::Read(e.to_string()))?
     .map_err(LinkError::Read)?;
+    let mut services = services;
+    holders.fill(&mut services);
     instance.seq += 1;
     Ok(Report {
         seq: instance.seq,

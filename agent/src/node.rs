@@ -46,7 +46,8 @@ impl Node {
 
     /// Makes the kernel watch exactly `set`. An invalid set is rejected whole and the previous
     /// one stays in force.
-    pub fn apply(&mut self, set: &WatchSet) -> Result<(), NodeError> {
+    /// `holder_ports`: the agent's holder port of each balanced service (see holding.rs).
+    pub fn apply(&mut self, set: &WatchSet, holder_ports: &HashMap<String, u16>) -> Result<(), NodeError> {
         let plan = self.attribution.plan(set)?;
         for (_, id) in &plan.new_services {
             self.probe.reset(*id)?;
@@ -83,9 +84,11 @@ impl Node {
             .services()
             .map(|(n, id)| (n.to_string(), id))
             .collect();
-        self.probe
-            .balancer
-            .apply(backends::wanted(set, |n| ids.get(n).copied()))?;
+        self.probe.balancer.apply(backends::wanted(
+            set,
+            |n| ids.get(n).copied(),
+            |n| holder_ports.get(n).copied().unwrap_or(0),
+        ))?;
         Ok(())
     }
 

@@ -101,6 +101,11 @@ struct Sample {
     at_ns: u64,
     totals: Totals,
     in_flight: i64,
+    /// Connections the agent holds now for the service (it has no ready replica).
+    held_now: u64,
+    /// Held connections ever, and those that timed out, by this agent instance.
+    held_total: u64,
+    hold_timeouts: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +145,12 @@ pub struct ServiceFigures {
     /// Requests per second over each fresh node's last report interval, summed over nodes.
     pub request_rate: f64,
     pub in_flight: i64,
+    /// Connections the agents hold now because the service has no ready replica (the demand
+    /// that activates a service at zero), summed over fresh nodes.
+    pub held_connections: u64,
+    /// Held connections ever and hold timeouts, by the agents' current instances.
+    pub held_total: u64,
+    pub hold_timeouts: u64,
     /// Time-weighted average of in-flight requests over the last interval, summed over nodes.
     pub concurrency: f64,
     pub rx_bytes_total: u64,
@@ -211,6 +222,9 @@ impl Ingest {
                 at_ns: report.monotonic_ns,
                 totals: Totals::from_wire(c),
                 in_flight: c.in_flight,
+                held_now: c.held_now,
+                held_total: c.held_total,
+                hold_timeouts: c.hold_timeouts,
             };
             let by_node = self.series.entry(c.service.clone()).or_default();
             match by_node.get_mut(node) {
@@ -263,10 +277,13 @@ impl Ingest {
                     .nodes
                     .get(node)
                     .is_some_and(|n| n.connected && n.instance == s.instance);
+            f.held_total += s.last.held_total;
+            f.hold_timeouts += s.last.hold_timeouts;
             if !fresh {
                 continue;
             }
             f.in_flight += s.last.in_flight;
+            f.held_connections += s.last.held_now;
             if let Some(prev) = &s.prev {
                 let dt = (s.last.at_ns - prev.at_ns) as f64 / 1e9;
                 let d = s.last.totals.since(&prev.totals);

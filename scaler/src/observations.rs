@@ -12,6 +12,7 @@ pub fn samples(figures: Option<&ServiceFigures>, requests: &Requests, ready: u32
     let mut out = vec![
         (Metric::Rps, Sample::Value(f.request_rate)),
         (Metric::Concurrency, Sample::Value(f.concurrency)),
+        (Metric::HeldConnections, Sample::Value(f.held_connections as f64)),
     ];
     if let Some(p) = percentiles(&f.recent_latency_buckets) {
         out.push((Metric::LatencyP50, Sample::Value(p.p50_ms)));

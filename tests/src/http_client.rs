@@ -37,6 +37,11 @@ impl Connection {
         })
     }
 
+    /// This end's address: what a server reached directly sees as its peer.
+    pub fn local_addr(&self) -> Result<SocketAddr, HttpError> {
+        Ok(self.reader.get_ref().local_addr()?)
+    }
+
     /// Sends one request and reads its response. `close` asks the server to close afterwards.
     pub fn request(
         &mut self,

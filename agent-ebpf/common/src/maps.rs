@@ -123,12 +123,13 @@ pub struct ServiceCounters {
 pub struct Balanced {
     /// The service's id: its backends are `BACKENDS[id * MAX_BACKENDS ..][..count]`.
     pub service_id: u32,
-    /// Ready backends, 0 to `MAX_BACKENDS`; 0 leaves connections alone.
+    /// Ready backends, 0 to `MAX_BACKENDS`; with 0, connections go to the holder, if any.
     pub count: u32,
     /// Round-robin cursor, incremented atomically by every redirected connect.
     pub next: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// With no ready backend (`count == 0`), connects go to the agent's holder on
+    /// 127.0.0.1:`holder_port` (host byte order); 0: no holder, connections are left alone.
+    pub holder_port: u32,
 }
 
 #[cfg(feature = "user")]

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use axum::{
     body::Bytes,
+    extract::ConnectInfo,
     extract::Query,
     routing::{get, post},
     Router,
@@ -19,6 +20,9 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8081")]
     listen: SocketAddr,
+    /// Wait this long before listening (a replica that is slow to start).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    startup_delay: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +40,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let app = Router::new()
         .route("/", get(|| async { "hello from surge-sample\n" }))
+        .route(
+            "/whoami",
+            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { format!("{peer}\n") }),
+        )
         .route(
             "/sleep",
             get(|Query(q): Query<Ms>| async move {
@@ -55,11 +63,14 @@ async fn main() -> anyhow::Result<()> {
             "/echo",
             post(|body: Bytes| async move { format!("{}\n", body.len()) }),
         );
+    if let Some(d) = args.startup_delay {
+        tokio::time::sleep(d).await;
+    }
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
     // SIGTERM or Ctrl-C: stop accepting, finish the requests in flight, then exit (what the
     // local actuator's drain expects of a replica).
-    axum::serve(listener, app)
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async {
             let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             else {

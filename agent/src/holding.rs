@@ -1,0 +1,129 @@
+//! One holder per balanced service (holder.rs), kept in step with the watch set: started when a
+//! service gets a service address, told its ready replicas whenever they change, stopped when
+//! the service goes. Holders live across scaler reconnections, so held clients keep waiting.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::Ordering, Arc},
+};
+
+use surge_proto::v1::{ServiceCounters, WatchSet};
+use tokio::{
+    net::TcpListener,
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
+
+use crate::holder::{HoldConfig, HoldStats, Holder};
+
+struct Held {
+    port: u16,
+    backends: watch::Sender<Vec<SocketAddr>>,
+    stats: Arc<HoldStats>,
+    task: JoinHandle<()>,
+}
+
+pub struct Holders {
+    config: HoldConfig,
+    /// Told when any holder accepts a connection: the agent then reports at once.
+    demand: Arc<Notify>,
+    by_service: HashMap<String, Held>,
+}
+
+impl Holders {
+    pub fn new(config: HoldConfig) -> Self {
+        Self {
+            config,
+            demand: Arc::new(Notify::new()),
+            by_service: HashMap::new(),
+        }
+    }
+
+    pub fn demand(&self) -> Arc<Notify> {
+        Arc::clone(&self.demand)
+    }
+
+    /// Starts, updates and stops holders for `set`; returns each balanced service's holder port.
+    pub async fn sync(&mut self, set: &WatchSet) -> HashMap<String, u16> {
+        let mut ports = HashMap::new();
+        let mut keep = Vec::new();
+        for s in set.services.iter().filter(|s| s.service_address.is_some()) {
+            let backends: Vec<SocketAddr> = s
+                .backends
+                .iter()
+                .filter_map(|b| {
+                    b.ip.parse::<IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, b.port as u16))
+                })
+                .collect();
+            if !self.by_service.contains_key(&s.name) {
+                match TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .and_then(|l| Ok((l.local_addr()?.port(), l)))
+                {
+                    Ok((port, listener)) => {
+                        let (tx, rx) = watch::channel(backends.clone());
+                        let holder = Holder::new(listener, rx, self.config, Arc::clone(&self.demand));
+                        let stats = holder.stats();
+                        let task = tokio::spawn(holder.run());
+                        tracing::info!(service = %s.name, port, "holding connections while the service has no ready replica");
+                        self.by_service.insert(
+                            s.name.clone(),
+                            Held {
+                                port,
+                                backends: tx,
+                                stats,
+                                task,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(service = %s.name, error = %e, "cannot start a holder");
+                        continue;
+                    }
+                }
+            }
+            if let Some(h) = self.by_service.get(&s.name) {
+                h.backends.send_if_modified(|current| {
+                    let changed = *current != backends;
+                    *current = backends.clone();
+                    changed
+                });
+                ports.insert(s.name.clone(), h.port);
+                keep.push(s.name.clone());
+            }
+        }
+        self.by_service.retain(|name, h| {
+            let kept = keep.contains(name);
+            if !kept {
+                h.task.abort();
+            }
+            kept
+        });
+        ports
+    }
+
+    /// Adds each service's holding figures to its wire counters.
+    pub fn fill(&self, services: &mut [ServiceCounters]) {
+        for c in services {
+            if let Some(h) = self.by_service.get(&c.service) {
+                let s = &h.stats;
+                c.held_now = s.held_now.load(Ordering::Relaxed) as u64;
+                c.held_total = s.held_total.load(Ordering::Relaxed);
+                c.hold_timeouts = s.timeouts_total.load(Ordering::Relaxed);
+                c.held_forwarded = s.forwarded_total.load(Ordering::Relaxed);
+                c.held_seconds_sum = s.held_micros_sum.load(Ordering::Relaxed) as f64 / 1e6;
+            }
+        }
+    }
+}
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        for h in self.by_service.values() {
+            h.task.abort();
+        }
+    }
+}
