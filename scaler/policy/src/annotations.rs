@@ -17,10 +17,7 @@ pub const KEDA_PAUSED_REPLICAS: &str = "autoscaling.keda.sh/paused-replicas";
 
 /// Merges annotations into `spec`; annotations win over the file. Unrelated annotations are
 /// ignored; Knative ones are checked when the spec is resolved (messages name the annotation key).
-pub fn merge(
-    spec: &mut PolicySpec,
-    annotations: &BTreeMap<String, String>,
-) -> Result<(), ValidationErrors> {
+pub fn merge(spec: &mut PolicySpec, annotations: &BTreeMap<String, String>) -> Result<(), ValidationErrors> {
     let mut errors = Vec::new();
     for (k, v) in annotations {
         if k.starts_with(KNATIVE_PREFIX) {

@@ -75,8 +75,7 @@ pub struct Policy {
 impl Policy {
     /// Whether the policy may go below one replica (`minReplicaCount` 0 or an idle count).
     pub fn can_idle(&self) -> bool {
-        (self.min_replicas == 0 && self.knative.enable_scale_to_zero)
-            || self.idle_replicas.is_some()
+        (self.min_replicas == 0 && self.knative.enable_scale_to_zero) || self.idle_replicas.is_some()
     }
 
     /// The count the policy rests at when inactive.
@@ -198,8 +197,7 @@ impl Default for KpaConfig {
 impl KpaConfig {
     /// The panic window: `panic-window-percentage` of the stable window.
     pub fn panic_window(&self) -> Duration {
-        self.stable_window
-            .mul_f64(self.panic_window_percentage / 100.0)
+        self.stable_window.mul_f64(self.panic_window_percentage / 100.0)
     }
 }
 

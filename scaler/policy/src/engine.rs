@@ -87,8 +87,7 @@ impl Engine {
         }
         let held_slot = slot(&Metric::HeldConnections);
         let rules = RulesState::new(&policy);
-        let initial_scale_reached =
-            policy.algorithm != Algorithm::Kpa || policy.knative.initial_scale == 0;
+        let initial_scale_reached = policy.algorithm != Algorithm::Kpa || policy.knative.initial_scale == 0;
         let decision = Decision {
             at: now,
             policy: policy.name.clone(),
@@ -235,9 +234,10 @@ impl Engine {
 
         // The algorithm.
         let util = p.knative.target_utilization_percentage / 100.0;
-        let (tol_up, tol_down) = p.behavior.as_ref().map_or((0.1, 0.1), |b| {
-            (b.scale_up.tolerance, b.scale_down.tolerance)
-        });
+        let (tol_up, tol_down) = p
+            .behavior
+            .as_ref()
+            .map_or((0.1, 0.1), |b| (b.scale_up.tolerance, b.scale_down.tolerance));
         let (mut fallback_on, mut missing) = (false, false);
         let (mut raw, mut tolerant, mut stable_pods, mut panic_pods) = (0u32, 0u32, 0u32, 0u32);
         let mut any_data = false;
@@ -288,9 +288,7 @@ impl Engine {
         }
         let mut desired = match p.algorithm {
             Algorithm::Kpa if any_data => {
-                let v = self
-                    .kpa
-                    .scale(&p.knative, now, stable_pods, panic_pods, ready, d);
+                let v = self.kpa.scale(&p.knative, now, stable_pods, panic_pods, ready, d);
                 d.recommended = if self.kpa.panicking() {
                     stable_pods.max(panic_pods)
                 } else {
@@ -340,11 +338,7 @@ impl Engine {
             if ready >= p.knative.initial_scale {
                 self.initial_scale_reached = true;
             } else {
-                desired = d.clip(
-                    Limit::InitialScale,
-                    desired,
-                    desired.max(p.knative.initial_scale),
-                );
+                desired = d.clip(Limit::InitialScale, desired, desired.max(p.knative.initial_scale));
             }
         }
 
@@ -371,11 +365,7 @@ impl Engine {
                 desired = d.clip(Limit::Idle, desired, p.idle_count());
                 if kpa && current > p.idle_count() {
                     let (lo, _) = KpaState::rate_bounds(&p.knative, ready);
-                    desired = d.clip(
-                        Limit::MaxScaleDownRate,
-                        desired,
-                        desired.max(lo.min(current)),
-                    );
+                    desired = d.clip(Limit::MaxScaleDownRate, desired, desired.max(lo.min(current)));
                 }
             }
             ZeroStep::Wait(limit) if desired < p.active_floor() && current >= p.active_floor() => {

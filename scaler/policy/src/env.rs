@@ -55,9 +55,7 @@ impl EnvSource for BTreeMap<String, String> {
 
 impl EnvSource for [(&str, &str)] {
     fn get(&self, name: &str) -> Option<String> {
-        self.iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.to_string())
+        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
     }
 }
 
@@ -89,10 +87,7 @@ pub struct EnvConfig {
 
 impl EnvConfig {
     /// Reads and checks every variable; all problems are reported at once.
-    pub fn from_env(
-        env: &(impl EnvSource + ?Sized),
-        knative: KpaConfig,
-    ) -> Result<Self, ValidationErrors> {
+    pub fn from_env(env: &(impl EnvSource + ?Sized), knative: KpaConfig) -> Result<Self, ValidationErrors> {
         let mut errs = Vec::new();
         let mut int = |name: &str, default: u32, lo: u32| -> u32 {
             let Some(text) = env.get(name) else {
@@ -101,11 +96,7 @@ impl EnvConfig {
             match text.trim().parse::<i64>() {
                 Ok(v) if v >= i64::from(lo) && v <= i64::from(u32::MAX) => v as u32,
                 Ok(_) => {
-                    errs.push(ValidationError::new(
-                        name,
-                        text.trim(),
-                        format!("at least {lo}"),
-                    ));
+                    errs.push(ValidationError::new(name, text.trim(), format!("at least {lo}")));
                     default
                 }
                 Err(_) => {
@@ -154,9 +145,7 @@ impl EnvConfig {
                 ));
             }
         }
-        let scaling_policy = env
-            .get(SCALING_POLICY)
-            .unwrap_or_else(|| "default".to_string());
+        let scaling_policy = env.get(SCALING_POLICY).unwrap_or_else(|| "default".to_string());
         if scaling_policy.is_empty() || scaling_policy.contains('/') {
             errs.push(ValidationError::new(
                 SCALING_POLICY,

@@ -101,9 +101,7 @@ impl HpaState {
             let limit = self.scale_up_limit(&b.scale_up, now, current).max(current);
             v = d.clip(Limit::ScaleUpPolicy, v, desired.min(limit));
         } else if desired < current {
-            let limit = self
-                .scale_down_limit(&b.scale_down, now, current)
-                .min(current);
+            let limit = self.scale_down_limit(&b.scale_down, now, current).min(current);
             v = d.clip(Limit::ScaleDownPolicy, v, desired.max(limit));
         }
         v
@@ -154,22 +152,12 @@ impl HpaState {
     /// Records a change of the count (the HPA's scale events), forgetting events older than the
     /// longest policy period.
     pub fn record_change(&mut self, b: &Behavior, now: Timestamp, from: u32, to: u32) {
-        let longest = |r: &ScalingRules| {
-            r.policies
-                .iter()
-                .map(|p| p.period)
-                .max()
-                .unwrap_or_default()
-        };
+        let longest = |r: &ScalingRules| r.policies.iter().map(|p| p.period).max().unwrap_or_default();
         let (up, down) = (longest(&b.scale_up), longest(&b.scale_down));
         while self.up_events.front().is_some_and(|(t, _)| *t + up <= now) {
             self.up_events.pop_front();
         }
-        while self
-            .down_events
-            .front()
-            .is_some_and(|(t, _)| *t + down <= now)
-        {
+        while self.down_events.front().is_some_and(|(t, _)| *t + down <= now) {
             self.down_events.pop_front();
         }
         if to > from {

@@ -71,9 +71,7 @@ pub fn apply(
                 ));
             }
         }
-        "panic-window-percentage" => {
-            cfg.panic_window_percentage = f64_between(field, text, 1.0, 100.0)?
-        }
+        "panic-window-percentage" => cfg.panic_window_percentage = f64_between(field, text, 1.0, 100.0)?,
         "panic-threshold-percentage" => {
             cfg.panic_threshold_percentage = f64_between(field, text, 110.0, 1000.0)?
         }
@@ -190,12 +188,7 @@ fn number(field: &str, text: &str) -> Result<f64, ValidationError> {
     }
 }
 
-pub(crate) fn f64_between(
-    field: &str,
-    text: &str,
-    lo: f64,
-    hi: f64,
-) -> Result<f64, ValidationError> {
+pub(crate) fn f64_between(field: &str, text: &str, lo: f64, hi: f64) -> Result<f64, ValidationError> {
     let v = number(field, text)?;
     if v < lo || v > hi {
         return Err(ValidationError::new(
@@ -210,11 +203,7 @@ pub(crate) fn f64_between(
 fn f64_greater(field: &str, text: &str, lo: f64) -> Result<f64, ValidationError> {
     let v = number(field, text)?;
     if v <= lo {
-        return Err(ValidationError::new(
-            field,
-            text,
-            format!("greater than {lo}"),
-        ));
+        return Err(ValidationError::new(field, text, format!("greater than {lo}")));
     }
     Ok(v)
 }
@@ -294,11 +283,8 @@ mod tests {
         assert_eq!(cfg.stable_window, Duration::from_secs(40));
         assert_eq!(cfg.panic_threshold_percentage, 150.0);
         assert_eq!(over.max_scale, Some(0));
-        let errs = from_map([
-            ("panic-threshold-percentage", "90"),
-            ("max-scale-up-rate", "0.5"),
-        ])
-        .expect_err("invalid");
+        let errs = from_map([("panic-threshold-percentage", "90"), ("max-scale-up-rate", "0.5")])
+            .expect_err("invalid");
         let msgs: Vec<String> = errs.iter().map(ToString::to_string).collect();
         assert_eq!(
             msgs,

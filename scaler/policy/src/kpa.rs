@@ -57,8 +57,7 @@ impl KpaState {
     ) -> u32 {
         let (lo, hi) = Self::rate_bounds(cfg, ready);
         let clip = |v: u32| v.clamp(lo, hi);
-        let over = f64::from(panic_pods) / f64::from(ready.max(1))
-            >= cfg.panic_threshold_percentage / 100.0;
+        let over = f64::from(panic_pods) / f64::from(ready.max(1)) >= cfg.panic_threshold_percentage / 100.0;
         match self.panic_time {
             _ if over => self.panic_time = Some(now),
             Some(t) if t + cfg.stable_window < now => {

@@ -41,9 +41,7 @@ impl Metric {
             "rps" | "http_requests_per_second" | "requests_per_second" => Metric::Rps,
             "concurrency" | "in_flight_requests" => Metric::Concurrency,
             "cpu" | "cpu_usage" | "cpu_utilization" => Metric::Cpu,
-            "memory" | "mem" | "memory_usage" | "mem_usage" | "memory_utilization" => {
-                Metric::Memory
-            }
+            "memory" | "mem" | "memory_usage" | "mem_usage" | "memory_utilization" => Metric::Memory,
             "latency_p50" => Metric::LatencyP50,
             "latency_p90" => Metric::LatencyP90,
             "latency_p99" => Metric::LatencyP99,

@@ -31,11 +31,7 @@ pub fn plot(points: &[SimPoint], path: &Path, title: &str) -> Result<(), PlotErr
     }
     let last = points.last().ok_or(PlotError::Empty)?;
     let t_max = last.time.max(1.0);
-    let y_max = points
-        .iter()
-        .map(|p| p.load.max(p.capacity))
-        .fold(1.0, f64::max)
-        * 1.1;
+    let y_max = points.iter().map(|p| p.load.max(p.capacity)).fold(1.0, f64::max) * 1.1;
     let r_max = points
         .iter()
         .map(|p| p.desired.max(p.ready))
@@ -67,10 +63,7 @@ pub fn plot(points: &[SimPoint], path: &Path, title: &str) -> Result<(), PlotErr
         .draw()
         .map_err(draw_err)?;
     chart
-        .draw_series(LineSeries::new(
-            points.iter().map(|p| (p.time, p.load)),
-            &BLUE,
-        ))
+        .draw_series(LineSeries::new(points.iter().map(|p| (p.time, p.load)), &BLUE))
         .map_err(draw_err)?
         .label("load")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));

@@ -29,12 +29,7 @@ impl RulesState {
 
     /// One evaluation: the count the rules ask for from `current`. `value` gives the metric's
     /// value for this evaluation (`None` when unknown, which breaks the streak).
-    pub fn evaluate(
-        &mut self,
-        p: &Policy,
-        current: u32,
-        value: impl Fn(&Metric) -> Option<f64>,
-    ) -> u32 {
+    pub fn evaluate(&mut self, p: &Policy, current: u32, value: impl Fn(&Metric) -> Option<f64>) -> u32 {
         self.up.resize(p.scale_up_rules.len(), 0);
         self.down.resize(p.scale_down_rules.len(), 0);
         let mut up_by = 0;
@@ -74,17 +69,9 @@ pub struct CooldownState {
 
 impl CooldownState {
     /// Holds `desired` at `current` while the matching cooldown runs.
-    pub fn apply(
-        &self,
-        c: &Cooldown,
-        now: Timestamp,
-        current: u32,
-        desired: u32,
-        d: &mut Decision,
-    ) -> u32 {
+    pub fn apply(&self, c: &Cooldown, now: Timestamp, current: u32, desired: u32, d: &mut Decision) -> u32 {
         let mut v = desired;
-        let running =
-            |since: Option<Timestamp>, len| since.is_some_and(|t: Timestamp| now.since(t) < len);
+        let running = |since: Option<Timestamp>, len| since.is_some_and(|t: Timestamp| now.since(t) < len);
         if desired > current && running(self.last_up, c.scale_up) {
             v = d.clip(Limit::ScaleUpCooldown, v, current);
         } else if desired < current && running(self.last_change, c.scale_down) {

@@ -8,9 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// A point in time, in milliseconds since an epoch chosen by the caller (the Unix epoch in the
 /// scaler, zero in the simulator). Only differences matter to the policy core.
-#[derive(
-    Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Timestamp(u64);
 

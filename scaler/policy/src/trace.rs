@@ -73,9 +73,7 @@ impl Trace {
         }
         let metrics = cols[1..]
             .iter()
-            .map(|c| {
-                Metric::parse(c).ok_or_else(|| err(hline, format!("unknown metric column {c:?}")))
-            })
+            .map(|c| Metric::parse(c).ok_or_else(|| err(hline, format!("unknown metric column {c:?}"))))
             .collect::<Result<Vec<_>, _>>()?;
         let mut points = Vec::new();
         for (i, line) in lines {
@@ -103,15 +101,13 @@ impl Trace {
 
     /// Parses `[{"time": 0, "rps": 10, "external:q": "fail"}, …]` or `{"points": […]}`.
     pub fn from_json(text: &str) -> Result<Trace, TraceError> {
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| TraceError::Json(e.to_string()))?;
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| TraceError::Json(e.to_string()))?;
         let arr = match &v {
             serde_json::Value::Array(a) => a,
-            serde_json::Value::Object(o) => {
-                o.get("points").and_then(|p| p.as_array()).ok_or_else(|| {
-                    TraceError::Json("expected an array or {\"points\": [...]}".into())
-                })?
-            }
+            serde_json::Value::Object(o) => o
+                .get("points")
+                .and_then(|p| p.as_array())
+                .ok_or_else(|| TraceError::Json("expected an array or {\"points\": [...]}".into()))?,
             _ => return Err(TraceError::Json("expected an array".into())),
         };
         let mut points = Vec::new();
@@ -131,9 +127,11 @@ impl Trace {
                 let s = match val {
                     serde_json::Value::String(s) if s == "fail" || s == "error" => Sample::Failed,
                     serde_json::Value::Null => continue,
-                    other => Sample::Value(other.as_f64().ok_or_else(|| {
-                        TraceError::Json(format!("point {i}: bad value for {k}"))
-                    })?),
+                    other => Sample::Value(
+                        other
+                            .as_f64()
+                            .ok_or_else(|| TraceError::Json(format!("point {i}: bad value for {k}")))?,
+                    ),
                 };
                 samples.push((m, s));
             }

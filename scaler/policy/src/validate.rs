@@ -8,8 +8,8 @@ use serde::Serialize;
 use serde_yaml::Value;
 
 use crate::config::{
-    Algorithm, Behavior, Cooldown, Defaults, Fallback, HpaPolicy, HpaPolicyType, Policy, Rule,
-    ScalingRules, SelectPolicy, Trigger,
+    Algorithm, Behavior, Cooldown, Defaults, Fallback, HpaPolicy, HpaPolicyType, Policy, Rule, ScalingRules,
+    SelectPolicy, Trigger,
 };
 use crate::knative::{self, KnativeOverrides};
 use crate::metric::{Metric, MetricType};
@@ -33,11 +33,7 @@ pub struct ValidationError {
 
 impl ValidationError {
     /// Builds an error.
-    pub fn new(
-        field: impl Into<String>,
-        value: impl fmt::Display,
-        allowed: impl Into<String>,
-    ) -> Self {
+    pub fn new(field: impl Into<String>, value: impl fmt::Display, allowed: impl Into<String>) -> Self {
         ValidationError {
             field: field.into(),
             value: value.to_string(),
@@ -80,13 +76,8 @@ pub enum PolicyError {
 
 /// Parses and validates one policy file. `fallback_name` (usually the file stem) names the policy
 /// when the file does not.
-pub fn parse_policy(
-    yaml: &str,
-    defaults: &Defaults,
-    fallback_name: &str,
-) -> Result<Policy, PolicyError> {
-    let file: PolicyFile =
-        serde_yaml::from_str(yaml).map_err(|e| PolicyError::Parse(e.to_string()))?;
+pub fn parse_policy(yaml: &str, defaults: &Defaults, fallback_name: &str) -> Result<Policy, PolicyError> {
+    let file: PolicyFile = serde_yaml::from_str(yaml).map_err(|e| PolicyError::Parse(e.to_string()))?;
     resolve_file(&file, defaults, fallback_name)
 }
 
@@ -132,9 +123,7 @@ pub fn resolve(
         .iter()
         .partition(|(k, _)| k.starts_with(crate::annotations::KNATIVE_PREFIX));
     for (k, v) in plain.into_iter().chain(annotated) {
-        let key = k
-            .strip_prefix(crate::annotations::KNATIVE_PREFIX)
-            .unwrap_or(k);
+        let key = k.strip_prefix(crate::annotations::KNATIVE_PREFIX).unwrap_or(k);
         let field = k.clone();
         match scalar_text(v) {
             Some(text) => e(knative::apply(&mut kpa, &mut over, key, &text, &field)),
@@ -220,15 +209,8 @@ pub fn resolve(
         None if algorithm == Algorithm::Kpa => Duration::ZERO,
         None => Duration::from_secs(300),
     };
-    let initial_cooldown = secs(
-        opt_count(
-            &mut e,
-            "initialCooldownPeriod",
-            spec.initial_cooldown_period,
-            0,
-        )
-        .unwrap_or(0),
-    );
+    let initial_cooldown =
+        secs(opt_count(&mut e, "initialCooldownPeriod", spec.initial_cooldown_period, 0).unwrap_or(0));
 
     let fallback = spec.fallback.as_ref().and_then(|f| {
         let t = match f.failure_threshold {
@@ -318,10 +300,7 @@ pub fn resolve(
         return Err(ValidationErrors(errs));
     }
     Ok(Policy {
-        name: spec
-            .name
-            .clone()
-            .unwrap_or_else(|| fallback_name.to_string()),
+        name: spec.name.clone().unwrap_or_else(|| fallback_name.to_string()),
         algorithm,
         min_replicas: min,
         max_replicas: max,
@@ -354,11 +333,7 @@ fn secs(s: u32) -> Duration {
 
 fn count(e: &mut Sink<'_>, field: &str, v: i64, lo: u32) -> Option<u32> {
     if v < i64::from(lo) {
-        e(Err(ValidationError::new(
-            field,
-            v,
-            format!("at least {lo}"),
-        )));
+        e(Err(ValidationError::new(field, v, format!("at least {lo}"))));
         return None;
     }
     match u32::try_from(v) {
@@ -394,11 +369,7 @@ fn opt_duration(e: &mut Sink<'_>, field: &str, v: Option<&Value>) -> Option<Dura
     match parse_duration(&text) {
         Ok(d) => Some(d),
         Err(_) => {
-            e(Err(ValidationError::new(
-                field,
-                text,
-                "a duration such as 180s",
-            )));
+            e(Err(ValidationError::new(field, text, "a duration such as 180s")));
             None
         }
     }
@@ -447,11 +418,7 @@ fn trigger(
             return None;
         }
     };
-    let metric_type = match t
-        .metric_type
-        .as_deref()
-        .or(meta("type").and_then(Value::as_str))
-    {
+    let metric_type = match t.metric_type.as_deref().or(meta("type").and_then(Value::as_str)) {
         Some(s) => match MetricType::parse(s) {
             Some(mt) => mt,
             None => {
@@ -518,10 +485,7 @@ fn trigger(
         metric_type,
         target,
         activation_threshold,
-        query: t
-            .query
-            .clone()
-            .or_else(|| meta("query").and_then(scalar_text)),
+        query: t.query.clone().or_else(|| meta("query").and_then(scalar_text)),
         server_address: meta("serverAddress").and_then(scalar_text),
     })
 }
@@ -549,14 +513,10 @@ fn default_triggers(
         _ => kpa.container_concurrency_target_default,
     };
     match (&over.metric, alg) {
-        (Some(m), _) => vec![mk(
-            m.clone(),
-            over.target.unwrap_or_else(|| default_target(m)),
-        )],
+        (Some(m), _) => vec![mk(m.clone(), over.target.unwrap_or_else(|| default_target(m)))],
         (None, Algorithm::Kpa) => vec![mk(
             Metric::Concurrency,
-            over.target
-                .unwrap_or(kpa.container_concurrency_target_default),
+            over.target.unwrap_or(kpa.container_concurrency_target_default),
         )],
         (None, _) => vec![
             mk(Metric::Cpu, over.target.unwrap_or(d.target_cpu)),
@@ -568,12 +528,7 @@ fn default_triggers(
 fn behavior(e: &mut Sink<'_>, prefix: &str, b: &BehaviorSpec) -> Behavior {
     let d = Behavior::default();
     Behavior {
-        scale_up: scaling_rules(
-            e,
-            &format!("{prefix}.scaleUp"),
-            b.scale_up.as_ref(),
-            d.scale_up,
-        ),
+        scale_up: scaling_rules(e, &format!("{prefix}.scaleUp"), b.scale_up.as_ref(), d.scale_up),
         scale_down: scaling_rules(
             e,
             &format!("{prefix}.scaleDown"),
@@ -650,11 +605,7 @@ fn scaling_rules(
                     }
                 };
                 let value = if pol.value <= 0 || pol.value > i64::from(u32::MAX) {
-                    e(Err(ValidationError::new(
-                        f("value"),
-                        pol.value,
-                        "greater than 0",
-                    )));
+                    e(Err(ValidationError::new(f("value"), pol.value, "greater than 0")));
                     None
                 } else {
                     Some(pol.value as u32)
@@ -688,12 +639,7 @@ fn rules(e: &mut Sink<'_>, p: &str, specs: &[RuleSpec]) -> Vec<Rule> {
             let f = |n: &str| format!("{p}[{i}].{n}");
             let metric = parse_metric(e, &f("metric"), &r.metric);
             let scale_by = count(e, &f("scaleBy"), r.scale_by.unwrap_or(1), 1);
-            let periods = count(
-                e,
-                &f("evaluationPeriods"),
-                r.evaluation_periods.unwrap_or(1),
-                1,
-            );
+            let periods = count(e, &f("evaluationPeriods"), r.evaluation_periods.unwrap_or(1), 1);
             if !r.threshold.is_finite() {
                 e(Err(ValidationError::new(
                     f("threshold"),
@@ -713,9 +659,7 @@ fn rules(e: &mut Sink<'_>, p: &str, specs: &[RuleSpec]) -> Vec<Rule> {
 }
 
 /// Helper for callers holding string maps (e.g. ConfigMaps) of annotations.
-pub fn annotations_map<'a>(
-    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-) -> BTreeMap<String, String> {
+pub fn annotations_map<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> BTreeMap<String, String> {
     pairs
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

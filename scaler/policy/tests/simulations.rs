@@ -49,19 +49,12 @@ fn all_example_policies_are_valid() {
             "keda-scaledobject",
             example!("policies", "keda-scaledobject.yaml"),
         ),
-        (
-            "keda-prometheus",
-            example!("policies", "keda-prometheus.yaml"),
-        ),
+        ("keda-prometheus", example!("policies", "keda-prometheus.yaml")),
         ("hpa-behavior", example!("policies", "hpa-behavior.yaml")),
-        (
-            "hpa-multi-metric",
-            example!("policies", "hpa-multi-metric.yaml"),
-        ),
+        ("hpa-multi-metric", example!("policies", "hpa-multi-metric.yaml")),
         ("ecommerce", example!("policies", "ecommerce.yaml")),
     ] {
-        let p =
-            parse_policy(text, &Defaults::default(), "x").unwrap_or_else(|e| panic!("{name}: {e}"));
+        let p = parse_policy(text, &Defaults::default(), "x").unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(p.name, name);
     }
 }
@@ -207,10 +200,7 @@ fn diurnal_cycle_tracks_the_load() {
         let pts = run(policy, example!("traces", "diurnal.csv"), 10, 2);
         let max = pts.iter().map(|p| p.desired).max();
         assert_eq!(max, Some(peak));
-        let noon = pts
-            .iter()
-            .position(|p| p.desired == peak)
-            .map(|i| pts[i].time);
+        let noon = pts.iter().position(|p| p.desired == peak).map(|i| pts[i].time);
         assert!(
             noon.is_some_and(|t| (2500.0..3700.0).contains(&t)),
             "peak at {noon:?}"

@@ -67,12 +67,8 @@ fn defaults(from_env: bool) -> anyhow::Result<Defaults> {
 }
 
 fn load_policy(path: &Path, d: &Defaults) -> anyhow::Result<Policy> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("policy");
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("policy");
     parse_policy(&text, d, stem).with_context(|| format!("{} is invalid", path.display()))
 }
 
@@ -92,12 +88,7 @@ fn main() -> anyhow::Result<()> {
             for f in &files {
                 match load_policy(f, &d) {
                     Ok(p) => {
-                        println!(
-                            "{}: ok (policy {:?}, {:?})",
-                            f.display(),
-                            p.name,
-                            p.algorithm
-                        );
+                        println!("{}: ok (policy {:?}, {:?})", f.display(), p.name, p.algorithm);
                         if show {
                             println!("{}", serde_json::to_string_pretty(&p)?);
                         }
@@ -125,10 +116,10 @@ fn main() -> anyhow::Result<()> {
             json,
         } => {
             let p = load_policy(&policy, &d)?;
-            let text = std::fs::read_to_string(&trace)
-                .with_context(|| format!("reading {}", trace.display()))?;
-            let t = Trace::parse(&text)
-                .with_context(|| format!("{} is not a valid trace", trace.display()))?;
+            let text =
+                std::fs::read_to_string(&trace).with_context(|| format!("reading {}", trace.display()))?;
+            let t =
+                Trace::parse(&text).with_context(|| format!("{} is not a valid trace", trace.display()))?;
             let cfg = SimConfig {
                 startup_delay: duration(&startup_delay)?,
                 tick: duration(&tick)?,

@@ -152,9 +152,8 @@ fn paused_and_paused_replicas() {
     e.record(t(0), &Metric::Rps, Sample::Value(100.0));
     let d = e.decide(t(0), r(3, 3));
     assert_eq!((d.mode, d.desired), (Mode::Paused, 3));
-    let mut e = engine(
-        "policy:\n  paused: true\n  pausedReplicas: 7\n  triggers: [{metric: rps, threshold: 1}]\n",
-    );
+    let mut e =
+        engine("policy:\n  paused: true\n  pausedReplicas: 7\n  triggers: [{metric: rps, threshold: 1}]\n");
     let d = e.decide(t(0), r(3, 3));
     assert_eq!(
         (d.mode, d.desired, d.clipped_by),
@@ -210,8 +209,7 @@ fn kpa_worked_example_through_the_engine() {
 
 #[test]
 fn kpa_scales_to_zero_after_a_stable_window_and_the_grace_period() {
-    let mut e =
-        engine("policy:\n  knative: {stable-window: 60s, scale-to-zero-grace-period: 30s}\n");
+    let mut e = engine("policy:\n  knative: {stable-window: 60s, scale-to-zero-grace-period: 30s}\n");
     let mut zero_at = None;
     for s in 0..300u64 {
         let v = if s < 100 { 50.0 } else { 0.0 };
@@ -231,11 +229,7 @@ fn kpa_initial_scale_holds_until_reached() {
     let mut e = engine("policy:\n  knative: {initial-scale: 3}\n");
     e.record(t(0), &Metric::Concurrency, Sample::Value(0.0));
     let d = e.decide(t(0), r(0, 0));
-    assert_eq!(
-        (d.desired, d.clipped_by),
-        (3, Some(Limit::InitialScale)),
-        "{d:?}"
-    );
+    assert_eq!((d.desired, d.clipped_by), (3, Some(Limit::InitialScale)), "{d:?}");
 }
 
 #[test]

@@ -65,10 +65,7 @@ fn knative_ranges_word_for_word() {
             "scale-to-zero-grace-period: 5s",
             "scale-to-zero-grace-period = 5s, must be at least 6s",
         ),
-        (
-            "activation-scale: 0",
-            "activation-scale = 0, must be at least 1",
-        ),
+        ("activation-scale: 0", "activation-scale = 0, must be at least 1"),
         (
             "initial-scale: 0",
             "initial-scale = 0, must be at least 1 unless allow-zero-initial-scale is true",
@@ -106,10 +103,7 @@ fn knative_accepts_documented_defaults_and_strings() {
     assert_eq!(p.knative.target_utilization_percentage, 70.0);
     assert_eq!(p.knative.max_scale_up_rate, 1000.0);
     assert_eq!(p.knative.max_scale_down_rate, 2.0);
-    assert_eq!(
-        p.knative.scale_to_zero_grace_period,
-        Duration::from_secs(30)
-    );
+    assert_eq!(p.knative.scale_to_zero_grace_period, Duration::from_secs(30));
     assert_eq!(p.polling_interval, Duration::from_secs(2));
     assert_eq!(p.triggers.len(), 1);
     assert_eq!(p.triggers[0].metric, Metric::Concurrency);
@@ -119,14 +113,8 @@ fn knative_accepts_documented_defaults_and_strings() {
 #[test]
 fn keda_ranges_word_for_word() {
     let cases = [
-        (
-            "minReplicaCount: -1",
-            "minReplicaCount = -1, must be at least 0",
-        ),
-        (
-            "maxReplicaCount: 0",
-            "maxReplicaCount = 0, must be at least 1",
-        ),
+        ("minReplicaCount: -1", "minReplicaCount = -1, must be at least 0"),
+        ("maxReplicaCount: 0", "maxReplicaCount = 0, must be at least 1"),
         (
             "minReplicaCount: 5\n  maxReplicaCount: 3",
             "minReplicaCount = 5, must be at most maxReplicaCount (3)",
@@ -135,14 +123,8 @@ fn keda_ranges_word_for_word() {
             "minReplicaCount: 1\n  idleReplicaCount: 1",
             "idleReplicaCount = 1, must be less than minReplicaCount (1)",
         ),
-        (
-            "pollingInterval: 0",
-            "pollingInterval = 0, must be at least 1",
-        ),
-        (
-            "cooldownPeriod: -5",
-            "cooldownPeriod = -5, must be at least 0",
-        ),
+        ("pollingInterval: 0", "pollingInterval = 0, must be at least 1"),
+        ("cooldownPeriod: -5", "cooldownPeriod = -5, must be at least 0"),
         (
             "initialCooldownPeriod: -1",
             "initialCooldownPeriod = -1, must be at least 0",
@@ -155,10 +137,7 @@ fn keda_ranges_word_for_word() {
             "fallback: {failureThreshold: 3}",
             "fallback.replicas = (missing), must be set when fallback is given",
         ),
-        (
-            "pausedReplicas: -2",
-            "pausedReplicas = -2, must be at least 0",
-        ),
+        ("pausedReplicas: -2", "pausedReplicas = -2, must be at least 0"),
         (
             "algorithm: magic",
             "algorithm = magic, must be one of kpa, hpa, rules",
@@ -189,13 +168,34 @@ fn trigger_messages() {
 #[test]
 fn hpa_behavior_messages() {
     let cases = [
-        ("scaleDown: {stabilizationWindowSeconds: 3601}", "behavior.scaleDown.stabilizationWindowSeconds = 3601, must be between 0 and 3600"),
-        ("scaleUp: {selectPolicy: Biggest}", "behavior.scaleUp.selectPolicy = Biggest, must be one of Max, Min, Disabled"),
-        ("scaleUp: {policies: [{type: Pods, value: 4, periodSeconds: 1801}]}", "behavior.scaleUp.policies[0].periodSeconds = 1801, must be between 1 and 1800"),
-        ("scaleUp: {policies: [{type: Pods, value: 0, periodSeconds: 15}]}", "behavior.scaleUp.policies[0].value = 0, must be greater than 0"),
-        ("scaleUp: {policies: [{type: Replicas, value: 1, periodSeconds: 15}]}", "behavior.scaleUp.policies[0].type = Replicas, must be one of Pods, Percent"),
-        ("scaleDown: {policies: []}", "behavior.scaleDown.policies = [], must be at least one policy unless selectPolicy is Disabled"),
-        ("scaleDown: {tolerance: 1.5}", "behavior.scaleDown.tolerance = 1.5, must be at least 0 and less than 1"),
+        (
+            "scaleDown: {stabilizationWindowSeconds: 3601}",
+            "behavior.scaleDown.stabilizationWindowSeconds = 3601, must be between 0 and 3600",
+        ),
+        (
+            "scaleUp: {selectPolicy: Biggest}",
+            "behavior.scaleUp.selectPolicy = Biggest, must be one of Max, Min, Disabled",
+        ),
+        (
+            "scaleUp: {policies: [{type: Pods, value: 4, periodSeconds: 1801}]}",
+            "behavior.scaleUp.policies[0].periodSeconds = 1801, must be between 1 and 1800",
+        ),
+        (
+            "scaleUp: {policies: [{type: Pods, value: 0, periodSeconds: 15}]}",
+            "behavior.scaleUp.policies[0].value = 0, must be greater than 0",
+        ),
+        (
+            "scaleUp: {policies: [{type: Replicas, value: 1, periodSeconds: 15}]}",
+            "behavior.scaleUp.policies[0].type = Replicas, must be one of Pods, Percent",
+        ),
+        (
+            "scaleDown: {policies: []}",
+            "behavior.scaleDown.policies = [], must be at least one policy unless selectPolicy is Disabled",
+        ),
+        (
+            "scaleDown: {tolerance: 1.5}",
+            "behavior.scaleDown.tolerance = 1.5, must be at least 0 and less than 1",
+        ),
     ];
     for (b, want) in cases {
         let yaml = format!("policy:\n  behavior:\n    {b}\n");
@@ -325,8 +325,7 @@ fn annotations_override_and_name_their_key() {
         one(bad),
         "autoscaling.knative.dev/panic-threshold-percentage = 90, must be between 110 and 1000"
     );
-    let keda =
-        "metadata:\n  annotations:\n    autoscaling.keda.sh/paused-replicas: \"-1\"\npolicy: {}\n";
+    let keda = "metadata:\n  annotations:\n    autoscaling.keda.sh/paused-replicas: \"-1\"\npolicy: {}\n";
     assert_eq!(
         one(keda),
         "autoscaling.keda.sh/paused-replicas = -1, must be at least 0"
@@ -339,16 +338,11 @@ fn parse_errors_name_the_field() {
         Err(PolicyError::Parse(m)) => assert!(m.contains("unknown field `minReplicas`"), "{m}"),
         other => panic!("{other:?}"),
     }
-    assert!(matches!(
-        policy("apiVersion: v1\n"),
-        Err(PolicyError::Empty)
-    ));
+    assert!(matches!(policy("apiVersion: v1\n"), Err(PolicyError::Empty)));
 }
 
 #[test]
 fn several_errors_are_all_reported() {
-    let m = messages(
-        "policy:\n  minReplicaCount: -1\n  knative:\n    panic-threshold-percentage: 90\n",
-    );
+    let m = messages("policy:\n  minReplicaCount: -1\n  knative:\n    panic-threshold-percentage: 90\n");
     assert_eq!(m.len(), 2, "{m:?}");
 }
