@@ -5,6 +5,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use surge_common::{
+    stream::{Cursor, Framer, Starts},
     ConnKey, ConnState, EndpointKey, ServiceCounters, MAX_CGROUPS, MAX_CONNECTIONS, MAX_ENDPOINTS,
     MAX_SERVICES,
 };
@@ -28,6 +29,22 @@ pub static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(
 /// When this CPU last switched tasks (bpf_ktime_get_ns).
 #[map(name = "LAST_SWITCH")]
 pub static LAST_SWITCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The state of one framing loop (see http1::frame): slot 0 egress, slot 1 ingress.
+#[repr(C)]
+pub struct FrameScratch {
+    pub framer: Framer,
+    pub cursor: Cursor,
+    pub starts: Starts,
+    /// 1 when framing requests (ingress), 0 responses.
+    pub side: u32,
+    /// Bumped by every use, so a nested use of the slot is noticed.
+    pub generation: u32,
+}
+
+/// Per-CPU scratch space of the framing loops.
+#[map(name = "FRAMING")]
+pub static FRAMING: PerCpuArray<FrameScratch> = PerCpuArray::with_max_entries(2, 0);
 
 /// The service a local endpoint belongs to: the exact address first, then any address.
 #[inline(always)]
