@@ -17,13 +17,13 @@ use surge_common::{
 
 use crate::{
     counters,
-    maps::{counters_of, service_of, CONNS, FRAMING},
+    maps::{counters_of, service_of, FrameScratch, CONNS, FRAMING},
     packet::{Direction, Segment},
 };
 
-/// Framing rounds per segment at most: one per header byte (bodies are skipped by count, not
-/// read). A segment that needs more gives the stream up until a message starts a segment again.
-const MAX_ROUNDS: u32 = 16_384;
+/// Framing rounds per segment at most: one per chunk of header bytes or body skip. A segment
+/// that needs more gives the stream up until a message starts a segment again.
+const MAX_ROUNDS: u32 = 8192;
 
 /// Looks a segment's local endpoint up, then accounts its payload and flags to the service.
 #[inline(always)]
@@ -163,11 +163,11 @@ fn advance(expected: u32, seq: u32, len: u32) -> u32 {
     }
 }
 
-/// What the bpf_loop callback is given: the packet, and which scratch slot holds the state.
+/// What the bpf_loop callback is given: the packet, and the scratch slot that holds the state.
 #[repr(C)]
 struct FrameLoop {
     skb: *mut __sk_buff,
-    slot: u32,
+    scratch: *mut FrameScratch,
 }
 
 /// Frames the payload bytes `[off, end)` of the packet with a bounded `bpf_loop` whose every
@@ -197,7 +197,7 @@ fn frame(ctx: &SkBuffContext, framer: &mut Framer, off: u32, end: u32, side: Sid
     s.side = slot;
     let mut l = FrameLoop {
         skb: ctx.skb.skb,
-        slot,
+        scratch: &mut *s as *mut FrameScratch,
     };
     // SAFETY: the callback only reads `l`, which outlives the call.
     let rounds = unsafe {
@@ -227,11 +227,8 @@ extern "C" fn frame_round(_index: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `FrameLoop` on the caller's stack.
     let l = unsafe { &*(ctx as *const FrameLoop) };
     let skb = l.skb;
-    let Some(s) = FRAMING.get_ptr_mut(l.slot) else {
-        return 1;
-    };
     // SAFETY: this CPU's slot, set up by `frame`.
-    let s = unsafe { &mut *s };
+    let s = unsafe { &mut *l.scratch };
     let side = if s.side == 1 {
         Side::Requests
     } else {

@@ -71,6 +71,8 @@ fn within(measured: f64, truth: f64, tolerance: f64) -> bool {
 
 #[test]
 fn closed_loop_concurrency_is_the_number_of_clients() {
+    // 100 ms per request: a client's own gap between an answer and its next request (well
+    // under a millisecond) is then far below the 2 % tolerance.
     let rig = Rig::start("closed-loop");
     let clients = 8;
     let load = std::thread::spawn({
@@ -78,8 +80,8 @@ fn closed_loop_concurrency_is_the_number_of_clients() {
         move || {
             run(&LoadSpec {
                 workers: clients,
-                path: "/sleep?ms=50".into(),
-                ..LoadSpec::get(addr, clients * 70)
+                path: "/sleep?ms=100".into(),
+                ..LoadSpec::get(addr, clients * 35)
             })
         }
     });
@@ -87,7 +89,8 @@ fn closed_loop_concurrency_is_the_number_of_clients() {
     std::thread::sleep(Duration::from_millis(1000));
     let c = rig.mean_of("concurrency", 12, Duration::from_millis(150));
     let r = load.join().expect("load");
-    assert_eq!(r.ok, clients * 70, "{:?}", &r.errors[..r.errors.len().min(3)]);
+    assert_eq!(r.ok, clients * 35, "{:?}", &r.errors[..r.errors.len().min(3)]);
+    eprintln!("closed loop: concurrency {c:.3}, clients {clients}");
     assert!(
         within(c, clients as f64, 0.02),
         "concurrency {c}, clients {clients}"
@@ -245,6 +248,7 @@ fn cpu_agrees_with_the_cgroups_cpu_stat() {
     let (cpu1, usage1) = (v1["cpu_seconds_total"].as_f64().expect("cpu"), cg.usage_seconds());
     let (reported, truth) = (cpu1 - cpu0, usage1 - usage0);
     assert!(truth > 1.9, "the server burned {truth} s");
+    eprintln!("cpu: reported {reported:.4} s, cpu.stat {truth:.4} s");
     assert!(
         within(reported, truth, 0.05),
         "reported {reported} s, cpu.stat {truth} s"

@@ -109,6 +109,19 @@ pub struct Framer {
     pub last_stream: u32,
 }
 
+/// The index of the first `\n` in `buf[from..n]`, or `n`. Constant indices only.
+#[inline(always)]
+fn find_lf(buf: &[u8; CHUNK], from: usize, n: usize) -> usize {
+    let mut j = 0;
+    while j < CHUNK {
+        if j >= from && j < n && buf[j] == b'\n' {
+            return j;
+        }
+        j += 1;
+    }
+    n
+}
+
 #[inline(always)]
 fn lower(b: u8) -> u8 {
     if b.is_ascii_uppercase() {
@@ -557,6 +570,55 @@ impl Framer {
         }
     }
 
+    /// Whether the framer only waits for the end of a line (no byte before it matters).
+    #[inline(always)]
+    fn waiting_for_lf(&self) -> bool {
+        self.phase == LINE || self.phase == HDR_SKIP || self.phase == TRAILER_SKIP || self.phase == CHUNK_EXT
+    }
+
+    /// At a message start with a whole chunk loaded: takes the start line's head (up to its
+    /// `\n`, at most [`CHUNK`] bytes) at once, as [`Framer::step`] would byte by byte. Returns
+    /// how many bytes it consumed.
+    #[inline(always)]
+    pub fn take_head(&mut self, buf: &[u8; CHUNK], side: Side, starts: &mut Starts) -> usize {
+        // A server's HTTP/2 preface: SETTINGS (type 4, no flags) on stream 0.
+        if side == Side::Responses
+            && buf[0] == 0
+            && buf[3] == H2_SETTINGS
+            && buf[4] == 0
+            && buf[5] == 0
+            && buf[6] == 0
+            && buf[7] == 0
+            && buf[8] == 0
+        {
+            self.remaining = ((buf[1] as u64) << 8) | buf[2] as u64;
+            self.flags = 0;
+            self.phase = if self.remaining == 0 {
+                H2_HEADER
+            } else {
+                H2_PAYLOAD
+            };
+            self.pos = 0;
+            self.stream = 0;
+            return 9;
+        }
+        if side == Side::Requests && *buf == *PREFACE {
+            self.phase = H2_PREFACE;
+            self.remaining = 8;
+            self.flags = 0;
+            return CHUNK;
+        }
+        self.head = *buf;
+        let lf = find_lf(buf, 0, CHUNK);
+        let used = if lf < CHUNK { lf + 1 } else { CHUNK };
+        self.head_len = used as u8;
+        self.classify_head(side, starts);
+        if self.phase == LINE && lf < CHUNK {
+            self.phase = HDR_START;
+        }
+        used
+    }
+
     /// Feeds a whole segment the way the kernel does, `max_rounds` rounds at most (a segment
     /// that needs more loses the stream, like the kernel's bounded loop).
     pub fn feed(&mut self, data: &[u8], side: Side, max_rounds: usize) -> Starts {
@@ -584,7 +646,7 @@ impl Framer {
 }
 
 /// A position in one segment's payload and the chunk of it loaded last: the state of the
-/// kernel's framing loop, whose every round is one [`Cursor::round`].
+/// kernel's framing loop, whose every round is one [`Cursor::round`] (a body skip or a chunk).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cursor {
@@ -612,9 +674,37 @@ impl Cursor {
         self.off >= self.end
     }
 
-    /// One round: skips body bytes by count, or frames one byte, loading the next chunk of at
-    /// most [`CHUNK`] bytes with `load(offset, buf, n)` when the last one is used up. Returns
-    /// false when the segment is done (or the stream lost).
+    /// Loads the next chunk (at most [`CHUNK`] bytes) at `off`.
+    #[inline(always)]
+    fn reload(&mut self, f: &mut Framer, load: &mut impl FnMut(u32, &mut [u8; CHUNK], u32) -> bool) -> bool {
+        let mut n = self.end - self.off;
+        if n > CHUNK as u32 {
+            n = CHUNK as u32;
+        }
+        // Cannot happen (off < end), but the verifier needs to see the size is not zero.
+        if n == 0 {
+            return false;
+        }
+        if !load(self.off, &mut self.buf, n) {
+            f.lose();
+            return false;
+        }
+        self.pos = 0;
+        self.len = n;
+        true
+    }
+
+    #[inline(always)]
+    fn advance(&mut self, n: u32) -> bool {
+        self.pos += n;
+        self.off += n;
+        self.off < self.end
+    }
+
+    /// One round: skips body bytes by count, takes a whole start line head at once, jumps to the
+    /// end of a line that does not matter, or frames one byte; chunks of at most [`CHUNK`] bytes
+    /// are loaded with `load(offset, buf, n)` as needed. Returns false when the segment is done
+    /// (or the stream lost).
     #[inline(always)]
     pub fn round(
         &mut self,
@@ -632,29 +722,34 @@ impl Cursor {
             self.len = 0;
             return self.off < self.end;
         }
-        if self.pos >= self.len {
-            let mut n = self.end - self.off;
-            if n > CHUNK as u32 {
-                n = CHUNK as u32;
-            }
-            // Cannot happen (off < end), but the verifier needs to see the size is not zero.
-            if n == 0 {
+        if f.phase == START {
+            // A message starts here: load it at the start of the chunk, take its head at once.
+            if !self.reload(f, load) {
                 return false;
             }
-            if !load(self.off, &mut self.buf, n) {
-                f.lose();
-                return false;
+            if self.len == CHUNK as u32 && self.buf[0] != b'\r' && self.buf[0] != b'\n' {
+                let used = f.take_head(&self.buf, side, starts);
+                return self.advance(used as u32);
             }
-            self.pos = 0;
-            self.len = n;
+        } else if self.pos >= self.len && !self.reload(f, load) {
+            return false;
         }
-        let i = self.pos as usize;
-        if i < CHUNK {
-            f.step(self.buf[i], side, starts);
+        if f.waiting_for_lf() {
+            let lf = find_lf(&self.buf, self.pos as usize, self.len as usize) as u32;
+            if lf >= self.len {
+                let rest = self.len - self.pos;
+                return self.advance(rest);
+            }
+            let gap = lf - self.pos;
+            self.advance(gap);
         }
-        self.pos += 1;
-        self.off += 1;
-        self.off < self.end
+        // The compiler knows pos < len ≤ CHUNK and would drop this check, which the verifier
+        // needs to see on the index it is given.
+        let j = core::hint::black_box(self.pos as usize);
+        if j < CHUNK {
+            f.step(self.buf[j], side, starts);
+        }
+        self.advance(1)
     }
 }
 
