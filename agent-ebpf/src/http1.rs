@@ -17,7 +17,7 @@ use surge_common::{
 
 use crate::{
     counters,
-    maps::{counters_of, service_of, FrameScratch, CONNS, FRAMING},
+    maps::{counters_of, port_watched, service_of, FrameScratch, CONNS, FRAMING},
     packet::{Direction, Segment},
 };
 
@@ -28,6 +28,12 @@ const MAX_ROUNDS: u32 = 8192;
 /// Looks a segment's local endpoint up, then accounts its payload and flags to the service.
 #[inline(always)]
 pub fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
+    // The socket's own local port (a context field, no packet read): most traffic stops here.
+    // SAFETY: one field of the program's context, read once at its constant offset.
+    let port = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).local_port)) };
+    if port != 0 && !port_watched(port) {
+        return Ok(());
+    }
     let seg = Segment::parse(ctx, dir)?;
     let Some(service_id) = service_of(seg.conn.local_addr, seg.conn.local_port) else {
         return Ok(());

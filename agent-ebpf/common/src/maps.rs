@@ -8,6 +8,8 @@ pub const MAX_SERVICES: u32 = 256;
 pub const MAX_ENDPOINTS: u32 = 16384;
 /// How many tracked TCP connections (by 4-tuple) the kernel keeps state for (LRU).
 pub const MAX_CONNECTIONS: u32 = 262_144;
+/// Words of the watched-port bitmap: 64 ports each.
+pub const WATCHED_PORT_WORDS: u32 = 65536 / 64;
 /// How many cgroups (a service's replicas and their descendants) can be attributed.
 pub const MAX_CGROUPS: u32 = 16384;
 
