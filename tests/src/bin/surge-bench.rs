@@ -235,9 +235,19 @@ fn main() -> anyhow::Result<()> {
 
     let (mut none, mut agent, mut proxied) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
-        let n = run_wrk(&args, web.addr)?;
-        let a = with_agent(&args, &dir, &scaler, web.addr)?;
-        let p = run_wrk(&args, proxy_addr)?;
+        // The order turns every round, so a drift in the machine's speed (other work on it)
+        // does not always favour the same setup.
+        let (mut n, mut a, mut p) = (None, None, None);
+        for k in 0..3 {
+            match (k + round as usize) % 3 {
+                0 => n = Some(run_wrk(&args, web.addr)?),
+                1 => a = Some(with_agent(&args, &dir, &scaler, web.addr)?),
+                _ => p = Some(run_wrk(&args, proxy_addr)?),
+            }
+        }
+        let (Some(n), Some(a), Some(p)) = (n, a, p) else {
+            bail!("a setup did not run");
+        };
         println!(
             "round {round}: none {:>9.0} req/s p99 {:>6.2} ms | agent {:>9.0} req/s p99 {:>6.2} ms \
              (agent CPU {:.3} s, peak RSS {:.1} MiB, counted {} of {}) | proxy {:>9.0} req/s p99 {:>6.2} ms",
@@ -269,6 +279,10 @@ fn main() -> anyhow::Result<()> {
         m(&proxied, |r| r.p99_ms),
     );
     let cpu = median(agent.iter().map(|a| a.cpu_seconds).collect());
+    // Ratios within each round (the setups ran back to back), then their median.
+    let paired =
+        |other: &[WrkResult]| median(agent.iter().zip(other).map(|(a, o)| a.wrk.rps / o.rps).collect());
+    let (vs_none, vs_proxy) = (paired(&none), paired(&proxied));
     let rss = agent.iter().map(|a| a.peak_rss).max().unwrap_or(0);
     println!();
     println!("median of {} rounds         throughput      p99", args.rounds);
@@ -276,12 +290,12 @@ fn main() -> anyhow::Result<()> {
     println!("  agent attached         {a_rps:>10.0} req/s {a_p99:>7.2} ms");
     println!("  through haproxy        {p_rps:>10.0} req/s {p_p99:>7.2} ms");
     println!(
-        "  agent / none           {:>10.3} (goal ≥ 0.98)   p99 ×{:.2}",
+        "  agent / none           {:>10.3} (goal ≥ 0.98; median of per-round ratios {vs_none:.3})   p99 ×{:.2}",
         a_rps / n_rps,
         a_p99 / n_p99
     );
     println!(
-        "  agent / proxy          {:>10.2} (goal ≥ 2)      p99 ×{:.2}",
+        "  agent / proxy          {:>10.2} (goal ≥ 2; median of per-round ratios {vs_proxy:.2})      p99 ×{:.2}",
         a_rps / p_rps,
         a_p99 / p_p99
     );
