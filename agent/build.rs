@@ -56,6 +56,11 @@ fn main() {
         cmd.env_remove(var);
     }
     cmd.env("RUSTC", BPF_RUSTC).env("RUSTC_BOOTSTRAP", "1");
+    // BTF with function info: bpf_loop callbacks (the HTTP framing loop) need it.
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-C\x1fdebuginfo=2\x1f-C\x1flink-arg=--btf",
+    );
     // bpf-linker is installed by `cargo install`, which may not be on a build's PATH.
     if let (Some(path), Some(home)) = (env::var_os("PATH"), env::var_os("HOME")) {
         let mut paths: Vec<PathBuf> = env::split_paths(&path).collect();

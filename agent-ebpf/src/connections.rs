@@ -14,7 +14,7 @@ use surge_common::ConnKey;
 
 use crate::{
     counters, http1,
-    maps::{counters_of, service_of},
+    maps::{counters_of, port_watched, service_of},
 };
 
 const AF_INET: u32 = 2;
@@ -24,6 +24,11 @@ const AF_INET6: u32 = 10;
 pub fn on_sock_op(ctx: &SockOpsContext) -> Result<(), i64> {
     let op = ctx.op();
     if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+        return Ok(());
+    }
+    // SAFETY: one field of the program's context, read once at its constant offset.
+    let port = unsafe { read_volatile(addr_of!((*ctx.ops).local_port)) };
+    if !port_watched(port) {
         return Ok(());
     }
     let conn = conn_key(ctx).ok_or(-1i64)?;

@@ -1,22 +1,39 @@
-//! HTTP/1.x accounting from cgroup_skb: a request's first segment arriving opens it, a final
-//! response's first segment leaving closes the oldest open one. TLS connections are marked and
-//! only counted as such.
+//! HTTP/1.x accounting from cgroup_skb: every TCP payload of a watched connection is framed by the
+//! shared [`Framer`] (one per direction), so each request start, pipelined ones included, opens a
+//! request, and each final response start closes the oldest open one. TLS connections are marked
+//! and only counted as such.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::SkBuffContext};
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{bpf_ktime_get_ns, bpf_loop, bpf_skb_load_bytes},
+    programs::SkBuffContext,
+};
+use core::ffi::c_void;
 use surge_common::{
-    http::{classify, SegmentStart, PREFIX_LEN},
-    ConnState, ServiceCounters, CONN_SEEN_PAYLOAD, CONN_TLS,
+    http::PREFIX_LEN,
+    stream::{Cursor, Framer, Side, Starts, CHUNK},
+    ConnState, ServiceCounters, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD, CONN_TLS, START_SLOTS,
 };
 
 use crate::{
     counters,
-    maps::{counters_of, service_of, CONNS},
+    maps::{counters_of, port_watched, service_of, FrameScratch, CONNS, FRAMING},
     packet::{Direction, Segment},
 };
+
+/// Framing rounds per segment at most: one per chunk of header bytes or body skip. A segment
+/// that needs more gives the stream up until a message starts a segment again.
+const MAX_ROUNDS: u32 = 8192;
 
 /// Looks a segment's local endpoint up, then accounts its payload and flags to the service.
 #[inline(always)]
 pub fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
+    // The socket's own local port (a context field, no packet read): most traffic stops here.
+    // SAFETY: one field of the program's context, read once at its constant offset.
+    let port = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).local_port)) };
+    if port != 0 && !port_watched(port) {
+        return Ok(());
+    }
     let seg = Segment::parse(ctx, dir)?;
     let Some(service_id) = service_of(seg.conn.local_addr, seg.conn.local_port) else {
         return Ok(());
@@ -24,18 +41,12 @@ pub fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
     let c = counters_of(service_id).ok_or(-1i64)?;
 
     if seg.payload_len > 0 {
-        let (prefix, len) = load_prefix(ctx, &seg)?;
         match dir {
-            Direction::Ingress => {
-                counters::add_u64(&mut c.rx_bytes, seg.payload_len as u64);
-                on_ingress_payload(&seg, service_id, &prefix, len, c);
-            }
-            Direction::Egress => {
-                counters::add_u64(&mut c.tx_bytes, seg.payload_len as u64);
-                if classify(&prefix, len) == SegmentStart::FinalResponse {
-                    on_response(&seg, c);
-                }
-            }
+            Direction::Ingress => counters::add_u64(&mut c.rx_bytes, seg.payload_len as u64),
+            Direction::Egress => counters::add_u64(&mut c.tx_bytes, seg.payload_len as u64),
+        }
+        if let Some(state) = conn_state(&seg, service_id) {
+            on_payload(ctx, &seg, dir, state, c)?;
         }
     }
     // A reset from either side, or the server's FIN, ends the connection and anything still in
@@ -44,6 +55,206 @@ pub fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
         close(&seg.conn, c);
     }
     Ok(())
+}
+
+/// The connection's state, created by its first payload either way (a server may speak first:
+/// an HTTP/2 server's SETTINGS can leave before the client's preface arrives).
+#[inline(always)]
+fn conn_state(seg: &Segment, service_id: u32) -> Option<&'static mut ConnState> {
+    if let Some(p) = CONNS.get_ptr_mut(&seg.conn) {
+        // SAFETY: a pointer into the map's value for this connection.
+        return Some(unsafe { &mut *p });
+    }
+    let fresh = ConnState {
+        service_id,
+        ..ConnState::default()
+    };
+    CONNS.insert(&seg.conn, &fresh, 0).ok()?;
+    // SAFETY: as above.
+    CONNS.get_ptr_mut(&seg.conn).map(|p| unsafe { &mut *p })
+}
+
+/// Frames a payload and accounts the messages that started in it.
+#[inline(always)]
+fn on_payload(
+    ctx: &SkBuffContext,
+    seg: &Segment,
+    dir: Direction,
+    state: &mut ConnState,
+    c: &mut ServiceCounters,
+) -> Result<(), i64> {
+    let (prefix, len) = load_prefix(ctx, seg)?;
+    let len32 = seg.payload_len as u32;
+    let (seen, expected) = match dir {
+        Direction::Ingress => {
+            if state.flags & CONN_SEEN_PAYLOAD == 0 {
+                state.flags |= CONN_SEEN_PAYLOAD;
+                // A TLS record header: handshake (22), version 3.x.
+                if len >= 3 && prefix[0] == 0x16 && prefix[1] == 0x03 {
+                    state.flags |= CONN_TLS;
+                    counters::add_u64(&mut c.tls_connections, 1);
+                }
+                state.next_seq_in = seg.seq;
+            }
+            let e = state.next_seq_in;
+            state.next_seq_in = advance(e, seg.seq, len32);
+            (true, e)
+        }
+        Direction::Egress => {
+            let seen = state.flags & CONN_SEEN_EGRESS != 0;
+            state.flags |= CONN_SEEN_EGRESS;
+            let e = if seen { state.next_seq_out } else { seg.seq };
+            state.next_seq_out = advance(e, seg.seq, len32);
+            (seen, e)
+        }
+    };
+    if state.flags & CONN_TLS != 0 {
+        return Ok(());
+    }
+    let framer = match dir {
+        Direction::Ingress => &mut state.requests,
+        Direction::Egress => &mut state.responses,
+    };
+    // Bytes before the expected sequence number were framed already (a retransmission); a gap
+    // means bytes were missed, so the framing is given up until a segment starts a message.
+    let behind = expected.wrapping_sub(seg.seq) as i32;
+    let mut skip = 0u32;
+    if seen && behind > 0 {
+        if behind as u32 >= len32 {
+            return Ok(());
+        }
+        skip = behind as u32;
+    } else if seen && behind < 0 {
+        framer.lose();
+    }
+    if skip == 0 {
+        framer.resync(&prefix, len);
+    }
+    if skip == 0 && matches!(dir, Direction::Egress) && state.requests.is_h2() {
+        state.responses.resync_h2();
+    }
+    let framer = match dir {
+        Direction::Ingress => &mut state.requests,
+        Direction::Egress => &mut state.responses,
+    };
+    let side = match dir {
+        Direction::Ingress => Side::Requests,
+        Direction::Egress => Side::Responses,
+    };
+    let starts = frame(
+        ctx,
+        framer,
+        seg.payload_offset as u32 + skip,
+        seg.payload_offset as u32 + len32,
+        side,
+    );
+    if starts.messages == 0 {
+        return Ok(());
+    }
+    match dir {
+        Direction::Ingress => open_requests(state, starts.messages, c),
+        Direction::Egress => close_requests(state, starts.messages, c),
+    }
+    Ok(())
+}
+
+/// The sequence number after this segment, unless it is a retransmission of older bytes.
+#[inline(always)]
+fn advance(expected: u32, seq: u32, len: u32) -> u32 {
+    let end = seq.wrapping_add(len);
+    if (end.wrapping_sub(expected) as i32) > 0 {
+        end
+    } else {
+        expected
+    }
+}
+
+/// What the bpf_loop callback is given: the packet, and the scratch slot that holds the state.
+#[repr(C)]
+struct FrameLoop {
+    skb: *mut __sk_buff,
+    scratch: *mut FrameScratch,
+}
+
+/// Frames the payload bytes `[off, end)` of the packet with a bounded `bpf_loop` whose every
+/// round is one [`Cursor::round`] (skip body bytes by count, or frame one byte). The loop's state
+/// lives in the per-CPU FRAMING map rather than on the stack: the verifier does not track map
+/// contents, so every round looks the same to it and the callback is verified once.
+#[inline(always)]
+fn frame(ctx: &SkBuffContext, framer: &mut Framer, off: u32, end: u32, side: Side) -> Starts {
+    if framer.is_lost() {
+        return Starts::default();
+    }
+    // Ingress runs in softirq and can interrupt an egress program on this CPU: one slot each.
+    let slot = match side {
+        Side::Requests => 1,
+        Side::Responses => 0,
+    };
+    let Some(s) = FRAMING.get_ptr_mut(slot) else {
+        return Starts::default();
+    };
+    // SAFETY: this CPU's slot; a nested program that reuses it is detected by the generation.
+    let s = unsafe { &mut *s };
+    s.generation = s.generation.wrapping_add(1);
+    let generation = s.generation;
+    s.framer = *framer;
+    s.cursor = Cursor::new(off, end);
+    s.starts = Starts::default();
+    s.side = slot;
+    let mut l = FrameLoop {
+        skb: ctx.skb.skb,
+        scratch: &mut *s as *mut FrameScratch,
+    };
+    // SAFETY: the callback only reads `l`, which outlives the call.
+    let rounds = unsafe {
+        bpf_loop(
+            MAX_ROUNDS,
+            frame_round as *mut c_void,
+            &mut l as *mut FrameLoop as *mut c_void,
+            0,
+        )
+    };
+    if s.generation != generation {
+        // Another program on this CPU used the slot meanwhile: this segment's framing is lost.
+        framer.lose();
+        return Starts::default();
+    }
+    if rounds as u32 >= MAX_ROUNDS && !s.cursor.finished() {
+        // More header bytes than the bound: give the stream up rather than miscount it.
+        s.framer.lose();
+    }
+    *framer = s.framer;
+    s.starts
+}
+
+/// One round of [`frame`]; returns 1 to stop the loop.
+#[inline(never)]
+extern "C" fn frame_round(_index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `FrameLoop` on the caller's stack.
+    let l = unsafe { &*(ctx as *const FrameLoop) };
+    let skb = l.skb;
+    // SAFETY: this CPU's slot, set up by `frame`.
+    let s = unsafe { &mut *l.scratch };
+    let side = if s.side == 1 {
+        Side::Requests
+    } else {
+        Side::Responses
+    };
+    let mut load = |off: u32, buf: &mut [u8; CHUNK], n: u32| {
+        // Checked again on a value the compiler cannot reason about, so the check the verifier
+        // sees is on the very register passed to the helper.
+        let n = core::hint::black_box(n);
+        if n == 0 || n > CHUNK as u32 {
+            return false;
+        }
+        // SAFETY: loads at most CHUNK bytes into `buf`; the helper checks the packet bounds.
+        unsafe { bpf_skb_load_bytes(skb as *const c_void, off, buf.as_mut_ptr() as *mut c_void, n) == 0 }
+    };
+    if s.cursor.round(&mut s.framer, side, &mut s.starts, &mut load) {
+        0
+    } else {
+        1
+    }
 }
 
 /// Copies the start of the payload with constant-size loads, which the verifier can check: 16
@@ -74,83 +285,81 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Client bytes arrived: the first ones tell TLS apart; a request line opens a request.
+/// `k` requests started in one segment, now.
 #[inline(always)]
-fn on_ingress_payload(
-    seg: &Segment,
-    service_id: u32,
-    prefix: &[u8; PREFIX_LEN],
-    len: usize,
-    c: &mut ServiceCounters,
-) {
-    let state = match CONNS.get_ptr_mut(&seg.conn) {
-        // SAFETY: a pointer into the map's value for this connection.
-        Some(p) => unsafe { &mut *p },
-        None => {
-            let fresh = ConnState {
-                service_id,
-                ..ConnState::default()
-            };
-            if CONNS.insert(&seg.conn, &fresh, 0).is_err() {
-                return;
-            }
-            match CONNS.get_ptr_mut(&seg.conn) {
-                // SAFETY: as above.
-                Some(p) => unsafe { &mut *p },
-                None => return,
-            }
-        }
-    };
-    if state.flags & CONN_SEEN_PAYLOAD == 0 {
-        state.flags |= CONN_SEEN_PAYLOAD;
-        // A TLS record header: handshake (22), version 3.x.
-        if len >= 3 && prefix[0] == 0x16 && prefix[1] == 0x03 {
-            state.flags |= CONN_TLS;
-            counters::add_u64(&mut c.tls_connections, 1);
-        }
-    }
-    if state.flags & CONN_TLS != 0 || classify(prefix, len) != SegmentStart::Request {
-        return;
-    }
-    // A retransmission of the segment that started the last request adds nothing.
-    if state.requests_seen > 0 && state.last_request_seq == seg.seq {
-        return;
-    }
+fn open_requests(state: &mut ConnState, k: u32, c: &mut ServiceCounters) {
     let now = now_ns();
-    state.last_request_seq = seg.seq;
-    state.requests_seen = state.requests_seen.wrapping_add(1);
-    if state.open_requests == 0 {
-        state.request_start_ns = now;
+    let mut i = 0;
+    while i < START_SLOTS as u32 {
+        if i >= k {
+            break;
+        }
+        // A request gets a slot only while every earlier open one has one (order is kept).
+        if state.stored == state.open_requests && state.stored < START_SLOTS as u32 {
+            let slot = (state.oldest + state.stored) as usize & (START_SLOTS - 1);
+            state.starts[slot] = now;
+            state.stored += 1;
+        } else if state.stored == state.open_requests {
+            state.request_start_ns = now;
+        }
+        state.open_requests += 1;
+        i += 1;
     }
-    state.open_requests += 1;
-    counters::add_u64(&mut c.requests, 1);
-    counters::add_i64(&mut c.inflight_sign_sum, 1);
-    counters::add_i64(&mut c.inflight_time_sum, now as i64);
+    if k > START_SLOTS as u32 {
+        if state.stored == state.open_requests {
+            state.request_start_ns = now;
+        }
+        state.open_requests += k - START_SLOTS as u32;
+    }
+    counters::add_u64(&mut c.requests, k as u64);
+    counters::add_i64(&mut c.inflight_sign_sum, k as i64);
+    counters::add_i64(&mut c.inflight_time_sum, now as i64 * k as i64);
 }
 
-/// The first segment of a final response left: close the oldest open request on the connection.
+/// `k` final responses (or stream ends) in one segment: each ends the oldest open request.
 #[inline(always)]
-fn on_response(seg: &Segment, c: &mut ServiceCounters) {
-    let Some(state) = CONNS.get_ptr_mut(&seg.conn) else {
-        return;
+fn close_requests(state: &mut ConnState, k: u32, c: &mut ServiceCounters) {
+    let k = if k > state.open_requests {
+        state.open_requests
+    } else {
+        k
     };
-    // SAFETY: a pointer into the map's value for this connection.
-    let state = unsafe { &mut *state };
-    if state.open_requests == 0 || (state.responses_seen > 0 && state.last_response_seq == seg.seq) {
+    if k == 0 {
         return;
     }
-    state.last_response_seq = seg.seq;
-    state.responses_seen = state.responses_seen.wrapping_add(1);
     let now = now_ns();
-    let latency = now.saturating_sub(state.request_start_ns);
-    state.open_requests -= 1;
-    // With pipelining the next request's own start is not kept; it is taken as now.
-    state.request_start_ns = if state.open_requests > 0 { now } else { 0 };
-    counters::add_u64(&mut c.responses, 1);
-    counters::add_i64(&mut c.inflight_sign_sum, -1);
-    counters::add_i64(&mut c.inflight_time_sum, -(now as i64));
-    counters::add_u64(&mut c.latency_sum_ns, latency);
-    counters::record_latency(c, latency);
+    let mut i = 0;
+    let mut unslotted = k;
+    while i < START_SLOTS as u32 {
+        if i >= k || state.stored == 0 {
+            break;
+        }
+        let slot = state.oldest as usize & (START_SLOTS - 1);
+        let latency = now.saturating_sub(state.starts[slot]);
+        state.oldest = (state.oldest + 1) & (START_SLOTS as u32 - 1);
+        state.stored -= 1;
+        counters::add_u64(&mut c.latency_sum_ns, latency);
+        counters::record_latency(c, latency);
+        unslotted -= 1;
+        i += 1;
+    }
+    if unslotted > 0 {
+        // Requests whose start had no slot: they started no earlier than `request_start_ns`.
+        let latency = now.saturating_sub(state.request_start_ns);
+        counters::add_u64(&mut c.latency_sum_ns, latency * unslotted as u64);
+        let bucket = surge_common::latency::bucket_of(latency / 1000);
+        if let Some(slot) = c.latency_buckets.get_mut(bucket) {
+            counters::add_u64(slot, unslotted as u64);
+        }
+    }
+    state.open_requests -= k;
+    if state.open_requests == 0 {
+        state.oldest = 0;
+        state.stored = 0;
+    }
+    counters::add_u64(&mut c.responses, k as u64);
+    counters::add_i64(&mut c.inflight_sign_sum, -(k as i64));
+    counters::add_i64(&mut c.inflight_time_sum, -(now as i64 * k as i64));
 }
 
 /// The connection ended: requests still open on it end now, and its state goes.

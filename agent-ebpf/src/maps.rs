@@ -2,16 +2,31 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use surge_common::{
+    stream::{Cursor, Framer, Starts},
     ConnKey, ConnState, EndpointKey, ServiceCounters, MAX_CGROUPS, MAX_CONNECTIONS, MAX_ENDPOINTS,
-    MAX_SERVICES,
+    MAX_SERVICES, WATCHED_PORT_WORDS,
 };
 
 /// Watched local endpoints → service id. Written by the agent.
 #[map(name = "WATCHED")]
 pub static WATCHED: HashMap<EndpointKey, u32> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+
+/// Watched local ports as a bitmap (bit `p & 63` of word `p >> 6`): every other segment and
+/// socket event is dropped after one array read. Written by the agent.
+#[map(name = "WATCHED_PORTS")]
+pub static WATCHED_PORTS: Array<u64> = Array::with_max_entries(WATCHED_PORT_WORDS, 0);
+
+/// Whether any endpoint on local `port` (host byte order) is watched.
+#[inline(always)]
+pub fn port_watched(port: u32) -> bool {
+    match WATCHED_PORTS.get(port >> 6) {
+        Some(word) => word & (1u64 << (port & 63)) != 0,
+        None => false,
+    }
+}
 
 /// Watched cgroup ids → service id. Written by the agent.
 #[map(name = "CGROUPS")]
@@ -28,6 +43,22 @@ pub static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(
 /// When this CPU last switched tasks (bpf_ktime_get_ns).
 #[map(name = "LAST_SWITCH")]
 pub static LAST_SWITCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The state of one framing loop (see http1::frame): slot 0 egress, slot 1 ingress.
+#[repr(C)]
+pub struct FrameScratch {
+    pub framer: Framer,
+    pub cursor: Cursor,
+    pub starts: Starts,
+    /// 1 when framing requests (ingress), 0 responses.
+    pub side: u32,
+    /// Bumped by every use, so a nested use of the slot is noticed.
+    pub generation: u32,
+}
+
+/// Per-CPU scratch space of the framing loops.
+#[map(name = "FRAMING")]
+pub static FRAMING: PerCpuArray<FrameScratch> = PerCpuArray::with_max_entries(2, 0);
 
 /// The service a local endpoint belongs to: the exact address first, then any address.
 #[inline(always)]

@@ -5,7 +5,7 @@
 use std::{fs::File, path::Path};
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
@@ -43,6 +43,9 @@ pub struct KernelProbe {
     // Keeps the programs and their links alive.
     _ebpf: Ebpf,
     watched: HashMap<MapData, EndpointKey, u32>,
+    /// The watched-port bitmap the programs check first, and how many endpoints use each port.
+    ports: Array<MapData, u64>,
+    port_users: std::collections::HashMap<u16, u32>,
     cgroups: HashMap<MapData, u64, u32>,
     counters: PerCpuArray<MapData, ServiceCounters>,
     /// The connect-time load balancer (connect4/connect6) and its maps.
@@ -89,11 +92,14 @@ impl KernelProbe {
             .map_err(|source| KernelError::Program { name, source })?;
 
         let watched = take_map(&mut ebpf, "WATCHED")?;
+        let ports = take_map(&mut ebpf, "WATCHED_PORTS")?;
         let cgroups = take_map(&mut ebpf, "CGROUPS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         Ok(Self {
             _ebpf: ebpf,
             watched,
+            ports,
+            port_users: std::collections::HashMap::new(),
             cgroups,
             counters,
             balancer,
@@ -123,23 +129,50 @@ impl KernelProbe {
 
     /// Points an endpoint at a service id.
     pub fn watch(&mut self, key: EndpointKey, service_id: u32) -> Result<(), KernelError> {
+        let existed = self.watched.get(&key, 0).is_ok();
         self.watched
             .insert(key, service_id, 0)
             .map_err(|source| KernelError::Map {
                 name: "WATCHED",
                 source,
-            })
+            })?;
+        if !existed {
+            *self.port_users.entry(key.port).or_insert(0) += 1;
+            self.set_port_bit(key.port, true)?;
+        }
+        Ok(())
     }
 
     /// Stops watching an endpoint.
     pub fn unwatch(&mut self, key: &EndpointKey) -> Result<(), KernelError> {
         match self.watched.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => {
+                let users = self.port_users.entry(key.port).or_insert(1);
+                *users = users.saturating_sub(1);
+                if *users == 0 {
+                    self.port_users.remove(&key.port);
+                    self.set_port_bit(key.port, false)?;
+                }
+                Ok(())
+            }
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(KernelError::Map {
                 name: "WATCHED",
                 source,
             }),
         }
+    }
+
+    /// Sets or clears a port's bit in the watched-port bitmap.
+    fn set_port_bit(&mut self, port: u16, on: bool) -> Result<(), KernelError> {
+        let map_err = |source| KernelError::Map {
+            name: "WATCHED_PORTS",
+            source,
+        };
+        let (word, bit) = (u32::from(port >> 6), 1u64 << (port & 63));
+        let old = self.ports.get(&word, 0).map_err(map_err)?;
+        let new = if on { old | bit } else { old & !bit };
+        self.ports.set(word, new, 0).map_err(map_err)
     }
 
     /// Zeroes a service's counters on every CPU (before its id is given to a new service).

@@ -20,6 +20,10 @@ pub struct Totals {
     pub latency_buckets: [u64; LATENCY_BUCKETS],
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    pub cpu_seconds: f64,
+    pub connections_opened: u64,
+    pub connections_closed: u64,
+    pub tls_connections: u64,
 }
 
 impl Default for Totals {
@@ -32,6 +36,10 @@ impl Default for Totals {
             latency_buckets: [0; LATENCY_BUCKETS],
             rx_bytes: 0,
             tx_bytes: 0,
+            cpu_seconds: 0.0,
+            connections_opened: 0,
+            connections_closed: 0,
+            tls_connections: 0,
         }
     }
 }
@@ -50,6 +58,10 @@ impl Totals {
             latency_buckets,
             rx_bytes: c.rx_bytes,
             tx_bytes: c.tx_bytes,
+            cpu_seconds: c.cpu_seconds,
+            connections_opened: c.connections_opened,
+            connections_closed: c.connections_closed,
+            tls_connections: c.tls_connections,
         }
     }
 
@@ -63,6 +75,10 @@ impl Totals {
         }
         self.rx_bytes += o.rx_bytes;
         self.tx_bytes += o.tx_bytes;
+        self.cpu_seconds += o.cpu_seconds;
+        self.connections_opened += o.connections_opened;
+        self.connections_closed += o.connections_closed;
+        self.tls_connections += o.tls_connections;
     }
 
     /// `self − earlier` for a later sample of the same instance (saturating: never negative).
@@ -74,6 +90,10 @@ impl Totals {
             latency_seconds_sum: (self.latency_seconds_sum - earlier.latency_seconds_sum).max(0.0),
             rx_bytes: self.rx_bytes.saturating_sub(earlier.rx_bytes),
             tx_bytes: self.tx_bytes.saturating_sub(earlier.tx_bytes),
+            cpu_seconds: (self.cpu_seconds - earlier.cpu_seconds).max(0.0),
+            connections_opened: self.connections_opened.saturating_sub(earlier.connections_opened),
+            connections_closed: self.connections_closed.saturating_sub(earlier.connections_closed),
+            tls_connections: self.tls_connections.saturating_sub(earlier.tls_connections),
             ..Default::default()
         };
         for ((d, a), b) in d
@@ -92,6 +112,8 @@ impl Totals {
         self.requests < earlier.requests
             || self.responses < earlier.responses
             || self.rx_bytes < earlier.rx_bytes
+            || self.cpu_seconds < earlier.cpu_seconds
+            || self.connections_opened < earlier.connections_opened
     }
 }
 
@@ -106,6 +128,8 @@ struct Sample {
     /// Held connections ever, and those that timed out, by this agent instance.
     held_total: u64,
     hold_timeouts: u64,
+    /// Memory in use by the service's cgroups at the sample (a gauge).
+    memory_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +186,21 @@ pub struct ServiceFigures {
     /// Latency buckets of the last interval (fresh nodes).
     #[serde(skip)]
     pub recent_latency_buckets: Vec<u64>,
+    /// CPU time of the service's cgroups (sched_switch), cumulative, seconds.
+    pub cpu_seconds_total: f64,
+    /// CPU cores in use over each fresh node's last report interval, summed over nodes.
+    pub cpu_cores: f64,
+    /// Memory in use by the service's cgroups at each fresh node's last report, summed.
+    pub memory_bytes: u64,
+    pub connections_opened_total: u64,
+    pub connections_closed_total: u64,
+    /// Connections open now: opened − closed over all nodes' totals.
+    pub active_connections: u64,
+    /// Connections that started with a TLS handshake, whose requests cannot be seen.
+    pub tls_connections_total: u64,
+    /// False when the service carries TLS and no HTTP request was ever seen: its request figures
+    /// are then unknown, not zero (the API shows them as null, /metrics leaves them out).
+    pub requests_available: bool,
     /// Nodes that reported this service.
     pub nodes: usize,
     /// Counter resets seen (agent restarts).
@@ -225,6 +264,7 @@ impl Ingest {
                 held_now: c.held_now,
                 held_total: c.held_total,
                 hold_timeouts: c.hold_timeouts,
+                memory_bytes: c.memory_bytes,
             };
             let by_node = self.series.entry(c.service.clone()).or_default();
             match by_node.get_mut(node) {
@@ -284,11 +324,13 @@ impl Ingest {
             }
             f.in_flight += s.last.in_flight;
             f.held_connections += s.last.held_now;
+            f.memory_bytes += s.last.memory_bytes;
             if let Some(prev) = &s.prev {
                 let dt = (s.last.at_ns - prev.at_ns) as f64 / 1e9;
                 let d = s.last.totals.since(&prev.totals);
                 f.request_rate += d.requests as f64 / dt;
                 f.concurrency += d.in_flight_seconds / dt;
+                f.cpu_cores += d.cpu_seconds / dt;
                 for (r, b) in recent.iter_mut().zip(&d.latency_buckets) {
                     *r += b;
                 }
@@ -301,6 +343,12 @@ impl Ingest {
         f.latency_seconds_sum = total.latency_seconds_sum;
         f.latency_buckets = total.latency_buckets.to_vec();
         f.recent_latency_buckets = recent.to_vec();
+        f.cpu_seconds_total = total.cpu_seconds;
+        f.connections_opened_total = total.connections_opened;
+        f.connections_closed_total = total.connections_closed;
+        f.active_connections = total.connections_opened.saturating_sub(total.connections_closed);
+        f.tls_connections_total = total.tls_connections;
+        f.requests_available = total.tls_connections == 0 || total.requests > 0;
         Some(f)
     }
 

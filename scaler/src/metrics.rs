@@ -51,7 +51,10 @@ impl Collector for ServiceCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snap = snapshot(&self.shared.0);
         let svc = |name: &str| [("service", name.to_string())];
-        let s = &snap.services;
+        let all = &snap.services;
+        // Services whose requests cannot be seen (TLS only) have no request series at all.
+        let visible: Vec<_> = all.iter().filter(|v| v.figures.requests_available).collect();
+        let s = &visible;
         family(
             &mut enc,
             "surge_service_requests",
@@ -97,7 +100,7 @@ impl Collector for ServiceCollector {
             "surge_service_received_bytes",
             "TCP payload bytes received by the service.",
             MetricType::Counter,
-            s.iter()
+            all.iter()
                 .map(|v| (svc(&v.name), ConstCounter::new(v.figures.rx_bytes_total))),
         )?;
         family(
@@ -105,7 +108,7 @@ impl Collector for ServiceCollector {
             "surge_service_sent_bytes",
             "TCP payload bytes sent by the service.",
             MetricType::Counter,
-            s.iter()
+            all.iter()
                 .map(|v| (svc(&v.name), ConstCounter::new(v.figures.tx_bytes_total))),
         )?;
         family(
@@ -126,7 +129,7 @@ impl Collector for ServiceCollector {
             "surge_service_nodes",
             "Nodes whose agent reported the service.",
             MetricType::Gauge,
-            s.iter()
+            all.iter()
                 .map(|v| (svc(&v.name), ConstGauge::new(v.figures.nodes as i64))),
         )?;
         family(
@@ -134,12 +137,84 @@ impl Collector for ServiceCollector {
             "surge_service_counter_resets",
             "Agent counter restarts carried over for the service.",
             MetricType::Counter,
-            s.iter()
+            all.iter()
                 .map(|v| (svc(&v.name), ConstCounter::new(v.figures.resets))),
         )?;
-        // TODO(issue 7): CPU, memory and held connections per service (surge_service_cpu_seconds,
-        // surge_service_memory_bytes, surge_service_held_connections) once the agents report them;
-        // replicas (surge_service_replicas{state="desired|current|ready"}) and decisions
+        family(
+            &mut enc,
+            "surge_service_requests_available",
+            "1 when the service's requests can be counted; 0 when it carries only TLS, whose \
+             requests cannot be seen (its request series are then absent, not zero).",
+            MetricType::Gauge,
+            all.iter()
+                .map(|v| (svc(&v.name), ConstGauge::new(v.figures.requests_available as i64))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_cpu_seconds",
+            "CPU time of the service's cgroups, from the sched_switch tracepoint.",
+            MetricType::Counter,
+            all.iter()
+                .map(|v| (svc(&v.name), ConstCounter::new(v.figures.cpu_seconds_total))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_cpu_cores",
+            "CPU cores used by the service's cgroups over the last report interval.",
+            MetricType::Gauge,
+            all.iter()
+                .map(|v| (svc(&v.name), ConstGauge::new(v.figures.cpu_cores))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_memory_bytes",
+            "Memory in use by the service's cgroups.",
+            MetricType::Gauge,
+            all.iter()
+                .map(|v| (svc(&v.name), ConstGauge::new(v.figures.memory_bytes as i64))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_connections_opened",
+            "TCP connections accepted by the service's endpoints (sock_ops).",
+            MetricType::Counter,
+            all.iter().map(|v| {
+                (
+                    svc(&v.name),
+                    ConstCounter::new(v.figures.connections_opened_total),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_connections_closed",
+            "TCP connections of the service's endpoints that closed (sock_ops).",
+            MetricType::Counter,
+            all.iter().map(|v| {
+                (
+                    svc(&v.name),
+                    ConstCounter::new(v.figures.connections_closed_total),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_active_connections",
+            "TCP connections of the service's endpoints open now.",
+            MetricType::Gauge,
+            all.iter()
+                .map(|v| (svc(&v.name), ConstGauge::new(v.figures.active_connections as i64))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_tls_connections",
+            "Connections that started with a TLS handshake (their requests cannot be seen).",
+            MetricType::Counter,
+            all.iter()
+                .map(|v| (svc(&v.name), ConstCounter::new(v.figures.tls_connections_total))),
+        )?;
+        // TODO(issue 7): held connections per service (surge_service_held_connections) once the
+        // holder exists; replicas (surge_service_replicas{state="desired|current|ready"}) and decisions
         // (surge_scaling_decisions_total{mode, reason}) once the policy engine and actuators exist.
         let node = |name: &str| [("node", name.to_string())];
         family(

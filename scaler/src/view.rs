@@ -20,7 +20,8 @@ pub struct ServiceView {
     pub endpoints: Vec<String>,
     /// Whether any agent has reported this service yet.
     pub reported: bool,
-    #[serde(flatten)]
+    /// The merged figures; request figures are null when `requests_available` is false.
+    #[serde(flatten, serialize_with = "masked")]
     pub figures: ServiceFigures,
     /// Latency percentiles over the last report interval; null when no request finished in it.
     pub latency: Option<Percentiles>,
@@ -58,7 +59,10 @@ fn view(
         mode: spec.mode,
         endpoints: spec.endpoints.iter().map(|e| e.to_string()).collect(),
         reported: figures.is_some(),
-        figures: figures.unwrap_or_default(),
+        figures: figures.unwrap_or_else(|| ServiceFigures {
+            requests_available: true,
+            ..Default::default()
+        }),
         latency,
         policy: spec.policy.clone(),
         replicas: control.replicas,
@@ -66,6 +70,27 @@ fn view(
         control_error: control.error,
         source_errors: control.source_errors,
     }
+}
+
+/// Request figures a service carrying only TLS cannot have: shown as null, not as zero.
+const REQUEST_FIELDS: [&str; 5] = [
+    "requests_total",
+    "responses_total",
+    "request_rate",
+    "in_flight",
+    "concurrency",
+];
+
+fn masked<S: serde::Serializer>(f: &ServiceFigures, s: S) -> Result<S::Ok, S::Error> {
+    let mut v = serde_json::to_value(f).map_err(serde::ser::Error::custom)?;
+    if !f.requests_available {
+        if let Some(map) = v.as_object_mut() {
+            for k in REQUEST_FIELDS {
+                map.insert(k.to_string(), serde_json::Value::Null);
+            }
+        }
+    }
+    serde::Serialize::serialize(&v, s)
 }
 
 /// Every declared service and every node, as of now.

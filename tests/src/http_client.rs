@@ -64,7 +64,15 @@ impl Connection {
         self.read_response()
     }
 
-    fn read_response(&mut self) -> Result<Response, HttpError> {
+    /// Writes raw bytes (pipelined or hand-framed requests); read the answers with
+    /// [`Connection::read_response`].
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), HttpError> {
+        self.reader.get_mut().write_all(bytes)?;
+        Ok(())
+    }
+
+    /// Reads one response (with a Content-Length body).
+    pub fn read_response(&mut self) -> Result<Response, HttpError> {
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
         let status = line

@@ -121,3 +121,57 @@ fn worker(spec: &LoadSpec, next: &AtomicUsize, body: &[u8], stop: &AtomicBool) -
     }
     report
 }
+
+/// An open-loop load: requests start at a fixed rate whatever the answers take, each on its own
+/// connection (so a slow answer never delays the next start), for `duration`.
+#[derive(Debug, Clone)]
+pub struct OpenLoop {
+    pub addr: SocketAddr,
+    /// Requests started per second.
+    pub rate: f64,
+    pub duration: Duration,
+    pub path: String,
+}
+
+/// Runs an open loop; returns the report and the rate actually achieved (starts ÷ elapsed).
+pub fn run_open(spec: &OpenLoop) -> (LoadReport, f64) {
+    let start = Instant::now();
+    let n = (spec.rate * spec.duration.as_secs_f64()).round() as usize;
+    let mut handles = Vec::with_capacity(n);
+    for k in 0..n {
+        let at = start + Duration::from_secs_f64(k as f64 / spec.rate);
+        if let Some(wait) = at.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let (addr, path) = (spec.addr, spec.path.clone());
+        handles.push(std::thread::spawn(move || {
+            // The latency is the request's own (the connection is opened first).
+            let mut t = Instant::now();
+            let r = Connection::open(addr).and_then(|mut c| {
+                t = Instant::now();
+                c.request("GET", &path, &[], true)
+            });
+            (r, t.elapsed())
+        }));
+    }
+    let achieved = n as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    let mut report = LoadReport::default();
+    for h in handles {
+        match h.join() {
+            Ok((Ok(r), d)) if (200..300).contains(&r.status) => {
+                report.ok += 1;
+                report.latencies.push(d);
+            }
+            Ok((Ok(r), _)) => {
+                report.failed += 1;
+                report.errors.push(format!("status {}", r.status));
+            }
+            Ok((Err(e), _)) => {
+                report.failed += 1;
+                report.errors.push(e.to_string());
+            }
+            Err(_) => report.errors.push("an open-loop request panicked".into()),
+        }
+    }
+    (report, achieved)
+}

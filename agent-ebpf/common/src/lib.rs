@@ -5,5 +5,6 @@
 pub mod http;
 pub mod latency;
 pub mod maps;
+pub mod stream;
 
 pub use maps::*;

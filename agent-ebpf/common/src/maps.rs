@@ -1,6 +1,6 @@
 //! The layout of every map the kernel programs and the agent both touch.
 
-use crate::latency::LATENCY_BUCKETS;
+use crate::{latency::LATENCY_BUCKETS, stream::Framer};
 
 /// How many services one agent can watch at once: the size of the per-service counter array.
 pub const MAX_SERVICES: u32 = 256;
@@ -8,6 +8,8 @@ pub const MAX_SERVICES: u32 = 256;
 pub const MAX_ENDPOINTS: u32 = 16384;
 /// How many tracked TCP connections (by 4-tuple) the kernel keeps state for (LRU).
 pub const MAX_CONNECTIONS: u32 = 262_144;
+/// Words of the watched-port bitmap: 64 ports each.
+pub const WATCHED_PORT_WORDS: u32 = 65536 / 64;
 /// How many cgroups (a service's replicas and their descendants) can be attributed.
 pub const MAX_CGROUPS: u32 = 16384;
 /// How many service addresses the connect-time load balancer can hold.
@@ -19,6 +21,8 @@ pub const MAX_BACKENDS: u32 = 64;
 pub const CONN_SEEN_PAYLOAD: u32 = 1;
 /// `ConnState::flags`: the connection carries TLS; its requests cannot be seen.
 pub const CONN_TLS: u32 = 2;
+/// `ConnState::flags`: `next_seq_out` is known (a server payload has been seen).
+pub const CONN_SEEN_EGRESS: u32 = 4;
 
 /// A local endpoint a service listens on. IPv4 addresses are stored IPv4-mapped
 /// (`::ffff:a.b.c.d`); the all-zero address with a port matches any local address on that port.
@@ -60,29 +64,38 @@ pub struct ConnKey {
     pub remote_port: u16,
 }
 
+/// How many open requests of one connection keep their own start time (pipelined HTTP/1.1,
+/// concurrent HTTP/2 streams); requests beyond it share the start of the first of them.
+pub const START_SLOTS: usize = 8;
+
 /// What the kernel remembers of one HTTP connection between segments.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {
-    /// Start (bpf_ktime_get_ns) of the oldest request still open, 0 when none is.
+    /// Start (bpf_ktime_get_ns) of the first open request that has no slot in `starts`.
     pub request_start_ns: u64,
-    /// TCP sequence number of the segment that started the last request, so a retransmitted
-    /// first segment does not count twice.
-    pub last_request_seq: u32,
-    /// The same for the last response's first segment.
-    pub last_response_seq: u32,
+    /// Start times of the oldest open requests, a ring from `oldest`; requests end in the order
+    /// they started (HTTP/1.1 answers in order; an HTTP/2 stream's end is matched to the oldest
+    /// open stream).
+    pub starts: [u64; START_SLOTS],
+    /// Ring index of the oldest start, and how many slots hold one.
+    pub oldest: u32,
+    pub stored: u32,
+    /// The TCP sequence number expected next from the client and from the server: a segment
+    /// before it is a retransmission (its bytes were framed already), one after it a gap.
+    pub next_seq_in: u32,
+    pub next_seq_out: u32,
     /// Requests started and not yet answered.
     pub open_requests: u32,
-    /// Requests and responses seen on this connection (wrapping): tell a first segment from a
-    /// retransmission when the sequence number happens to be 0.
-    pub requests_seen: u32,
-    pub responses_seen: u32,
     /// The service this connection's local endpoint belongs to.
     pub service_id: u32,
     /// `CONN_*` bits.
     pub flags: u32,
     /// Explicit padding to a multiple of 8 bytes.
     pub _pad: u32,
+    /// HTTP/1 message framing of the client's bytes (requests) and the server's (responses).
+    pub requests: Framer,
+    pub responses: Framer,
 }
 
 /// Cumulative per-service counters, one copy per CPU; the agent sums the copies. Counters only

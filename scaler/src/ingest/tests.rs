@@ -106,3 +106,58 @@ fn duplicate_reports_add_nothing() {
 fn unknown_service_has_no_figures() {
     assert!(Ingest::new(secs(1)).figures("nope", secs(0)).is_none());
 }
+
+fn resources(at_s: u64, cpu: f64, mem: u64, opened: u64, closed: u64, tls: u64, requests: u64) -> Report {
+    Report {
+        seq: at_s,
+        monotonic_ns: at_s * S,
+        unix_ms: 0,
+        services: vec![ServiceCounters {
+            service: "web".into(),
+            requests,
+            cpu_seconds: cpu,
+            memory_bytes: mem,
+            connections_opened: opened,
+            connections_closed: closed,
+            tls_connections: tls,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn cpu_memory_and_connections_are_merged() {
+    let mut i = Ingest::new(secs(10));
+    for (node, inst) in [("a", 1), ("b", 2)] {
+        i.connected(node, inst, secs(0));
+        i.record(node, inst, &resources(10, 3.0, 100, 10, 4, 0, 5), secs(0));
+        i.record(node, inst, &resources(12, 4.0, 200, 12, 5, 0, 5), secs(2));
+    }
+    let f = i.figures("web", secs(2)).expect("reported");
+    assert_eq!(f.cpu_seconds_total, 8.0);
+    assert_eq!(f.cpu_cores, 1.0, "0.5 core on each node");
+    assert_eq!(f.memory_bytes, 400);
+    assert_eq!(
+        (
+            f.connections_opened_total,
+            f.connections_closed_total,
+            f.active_connections
+        ),
+        (24, 10, 14)
+    );
+    assert!(f.requests_available);
+}
+
+#[test]
+fn tls_without_requests_makes_requests_unavailable() {
+    let mut i = Ingest::new(secs(10));
+    i.connected("n1", 1, secs(0));
+    i.record("n1", 1, &resources(10, 0.0, 0, 3, 0, 3, 0), secs(0));
+    let f = i.figures("web", secs(0)).expect("reported");
+    assert!(!f.requests_available);
+    assert_eq!(f.tls_connections_total, 3);
+    // Plain HTTP beside the TLS: requests are seen, so they are available.
+    i.record("n1", 1, &resources(11, 0.0, 0, 4, 0, 3, 1), secs(1));
+    assert!(i.figures("web", secs(1)).expect("reported").requests_available);
+}

@@ -63,3 +63,56 @@ fn every_family_is_exposed_with_exact_values() {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
     }
 }
+
+#[test]
+fn resources_are_exposed_and_tls_only_services_have_no_request_series() {
+    let s = shared();
+    s.ingest().connected("n1", 1, Duration::from_secs(1));
+    let r = Report {
+        seq: 1,
+        monotonic_ns: 1_000_000_000,
+        services: vec![
+            ServiceCounters {
+                service: "web".into(),
+                requests: 5,
+                cpu_seconds: 1.5,
+                memory_bytes: 4096,
+                connections_opened: 7,
+                connections_closed: 2,
+                ..Default::default()
+            },
+            ServiceCounters {
+                service: "idle".into(),
+                connections_opened: 2,
+                tls_connections: 2,
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    s.ingest().record("n1", 1, &r, Duration::from_secs(1));
+    let text = encode(&registry(Arc::clone(&s))).expect("encodes");
+    for line in [
+        "surge_service_cpu_seconds_total{service=\"web\"} 1.5",
+        "surge_service_memory_bytes{service=\"web\"} 4096",
+        "surge_service_connections_opened_total{service=\"web\"} 7",
+        "surge_service_active_connections{service=\"web\"} 5",
+        "surge_service_tls_connections_total{service=\"idle\"} 2",
+        "surge_service_requests_available{service=\"web\"} 1",
+        "surge_service_requests_available{service=\"idle\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+    assert!(
+        !text.contains("surge_service_requests_total{service=\"idle\"}"),
+        "{text}"
+    );
+    let snap = crate::view::snapshot(&s);
+    let json = serde_json::to_value(&snap).expect("json");
+    let idle = &json["services"][1];
+    assert_eq!(idle["name"], "idle");
+    assert_eq!(idle["requests_available"], false, "{idle}");
+    assert!(idle["requests_total"].is_null(), "{idle}");
+    assert!(idle["request_rate"].is_null(), "{idle}");
+    assert_eq!(json["services"][0]["requests_total"], 5);
+}

@@ -1,0 +1,757 @@
+//! HTTP/1.x message framing over a TCP byte stream, one direction of one connection: where each
+//! request (or response) starts, so pipelined messages are counted one by one. Start lines are
+//! classified by [`crate::http::classify`]; header lines are scanned only for `Content-Length`
+//! and `Transfer-Encoding: chunked`; bodies are skipped by count without being read.
+//!
+//! The kernel and the userspace twin run this same code: the kernel's bounded loop calls
+//! [`Cursor::round`], which skips body bytes or frames one byte of a chunk of at most [`CHUNK`]
+//! bytes it loaded; [`Framer::feed`] runs the same rounds over a byte slice. Every loop is bounded by a constant, there is
+//! no allocation, and no input makes it panic. A stream it cannot frame (garbage, a protocol
+//! switch, a body that runs to the end of the connection) puts it in [`LOST`], where it counts
+//! nothing until [`Framer::resync`] finds a message start at the beginning of a segment.
+//!
+//! HTTP/2 (h2c, gRPC): the client's connection preface, or a server's first frame (SETTINGS on
+//! stream 0), switches the framer to frames: 9-byte headers are read, payloads skipped by count.
+//! On the request side a HEADERS frame on a new (higher) stream id starts a stream; on the
+//! response side a DATA or HEADERS frame with END_STREAM, or a RST_STREAM, ends one.
+
+use crate::http::{classify, SegmentStart, PREFIX_LEN};
+
+/// Bytes per constant-size load.
+pub const CHUNK: usize = 16;
+
+/// Phases (`Framer::phase`).
+pub const START: u8 = 0;
+const HEAD: u8 = 1;
+const LINE: u8 = 2;
+const HDR_START: u8 = 3;
+const HDR_NAME: u8 = 4;
+const HDR_SKIP: u8 = 5;
+const CL_VALUE: u8 = 6;
+const TE_VALUE: u8 = 7;
+const HDR_END: u8 = 8;
+const BODY: u8 = 9;
+const CHUNK_SIZE: u8 = 10;
+const CHUNK_EXT: u8 = 11;
+const CHUNK_DATA: u8 = 12;
+const CHUNK_DATA_END: u8 = 13;
+const TRAILER_START: u8 = 14;
+const TRAILER_SKIP: u8 = 15;
+const TRAILER_END: u8 = 16;
+/// The stream cannot be framed; nothing is counted until a resync.
+pub const LOST: u8 = 17;
+/// HTTP/2: the last 8 bytes of the client's connection preface (skipped by count).
+const H2_PREFACE: u8 = 18;
+/// HTTP/2: reading a 9-byte frame header.
+const H2_HEADER: u8 = 19;
+/// HTTP/2: a frame's payload (skipped by count).
+const H2_PAYLOAD: u8 = 20;
+
+/// The first 16 bytes of the HTTP/2 client connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8; 16] = b"PRI * HTTP/2.0\r\n";
+const H2_DATA: u8 = 0;
+const H2_HEADERS: u8 = 1;
+const H2_RST_STREAM: u8 = 3;
+const H2_SETTINGS: u8 = 4;
+const H2_END_STREAM: u8 = 1;
+
+/// `Framer::flags`.
+const F_CHUNKED: u8 = 1;
+const F_NO_BODY: u8 = 2;
+const F_RESPONSE: u8 = 4;
+const F_TO_CLOSE: u8 = 8;
+const F_HAS_CL: u8 = 16;
+
+/// Which side of the conversation a framer reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Client to server: requests.
+    Requests,
+    /// Server to client: responses.
+    Responses,
+}
+
+/// Messages that started in the bytes fed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Starts {
+    /// Requests (on the request side) or final responses (on the response side).
+    pub messages: u32,
+    /// Interim (1xx) responses.
+    pub interim: u32,
+}
+
+const CONTENT_LENGTH: &[u8; 15] = b"content-length:";
+const TRANSFER_ENCODING: &[u8; 18] = b"transfer-encoding:";
+const CHUNKED: &[u8; 7] = b"chunked";
+/// Larger bodies are not framed (and a larger chunk size is garbage).
+const MAX_BODY: u64 = 1 << 40;
+
+/// The framing state of one direction of one connection. Plain integers, no implicit padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Framer {
+    /// Body (or chunk) bytes still to skip; the Content-Length or chunk size being parsed.
+    pub remaining: u64,
+    /// The first bytes of the current start line.
+    pub head: [u8; PREFIX_LEN],
+    pub phase: u8,
+    pub head_len: u8,
+    /// Position in the header name being matched.
+    pub pos: u8,
+    /// Header names still matching: bit 0 Content-Length, bit 1 Transfer-Encoding; in a
+    /// Transfer-Encoding value, the position in "chunked".
+    pub cand: u8,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+    /// HTTP/2: the stream id of the frame header being read.
+    pub stream: u32,
+    /// HTTP/2: the highest stream id a request started on.
+    pub last_stream: u32,
+}
+
+/// The index of the first `\n` in `buf[from..n]`, or `n`. Constant indices only.
+#[inline(always)]
+fn find_lf(buf: &[u8; CHUNK], from: usize, n: usize) -> usize {
+    let mut j = 0;
+    while j < CHUNK {
+        if j >= from && j < n && buf[j] == b'\n' {
+            return j;
+        }
+        j += 1;
+    }
+    n
+}
+
+#[inline(always)]
+fn lower(b: u8) -> u8 {
+    if b.is_ascii_uppercase() {
+        b + 32
+    } else {
+        b
+    }
+}
+
+#[inline(always)]
+fn hex(b: u8) -> Option<u64> {
+    match b {
+        b'0'..=b'9' => Some((b - b'0') as u64),
+        b'a'..=b'f' => Some((b - b'a' + 10) as u64),
+        b'A'..=b'F' => Some((b - b'A' + 10) as u64),
+        _ => None,
+    }
+}
+
+impl Framer {
+    pub const fn new() -> Self {
+        Self {
+            remaining: 0,
+            head: [0; PREFIX_LEN],
+            phase: START,
+            head_len: 0,
+            pos: 0,
+            cand: 0,
+            flags: 0,
+            _pad: [0; 3],
+            stream: 0,
+            last_stream: 0,
+        }
+    }
+
+    /// Whether the framer is skipping a body (no byte needs to be looked at).
+    #[inline(always)]
+    pub fn in_body(&self) -> bool {
+        (self.phase == BODY
+            || self.phase == CHUNK_DATA
+            || self.phase == H2_PAYLOAD
+            || self.phase == H2_PREFACE)
+            && self.remaining > 0
+    }
+
+    /// Whether the stream is HTTP/2.
+    pub fn is_h2(&self) -> bool {
+        self.phase >= H2_PREFACE
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.phase == LOST
+    }
+
+    /// Gives up framing this stream.
+    #[inline(always)]
+    pub fn lose(&mut self) {
+        *self = Self::new();
+        self.phase = LOST;
+    }
+
+    /// A lost stream whose segment starts with a message start line is framed again from there.
+    /// `prefix` is the segment's first bytes (`len` of them valid).
+    #[inline(always)]
+    pub fn resync(&mut self, prefix: &[u8; PREFIX_LEN], len: usize) {
+        if self.phase == LOST && classify(prefix, len) != SegmentStart::Other {
+            *self = Self::new();
+        }
+    }
+
+    /// A lost response stream of a connection whose client speaks HTTP/2: the segment is taken
+    /// to start at a frame boundary (servers write whole frames).
+    #[inline(always)]
+    pub fn resync_h2(&mut self) {
+        if self.phase == LOST {
+            *self = Self::new();
+            self.h2_next_frame();
+        }
+    }
+
+    /// Skips up to `avail` body bytes; returns how many were skipped.
+    #[inline(always)]
+    pub fn skip(&mut self, avail: u64) -> u64 {
+        if !self.in_body() {
+            return 0;
+        }
+        let n = if avail < self.remaining {
+            avail
+        } else {
+            self.remaining
+        };
+        self.remaining -= n;
+        if self.remaining == 0 {
+            if self.phase == BODY {
+                self.done();
+            } else if self.phase == CHUNK_DATA {
+                self.phase = CHUNK_DATA_END;
+            } else {
+                self.h2_next_frame();
+            }
+        }
+        n
+    }
+
+    /// HTTP/2: the next byte starts a frame header.
+    #[inline(always)]
+    fn h2_next_frame(&mut self) {
+        self.phase = H2_HEADER;
+        self.pos = 0;
+        self.remaining = 0;
+        self.stream = 0;
+    }
+
+    /// HTTP/2: one byte of a frame header (length 3, type 1, flags 1, stream id 4); the last one
+    /// decides what the frame means for the streams.
+    #[inline(always)]
+    fn h2_header_byte(&mut self, b: u8, side: Side, starts: &mut Starts) {
+        let p = self.pos;
+        if p < 3 {
+            self.remaining = (self.remaining << 8) | b as u64;
+        } else if p == 3 {
+            self.cand = b;
+        } else if p == 4 {
+            self.flags = b;
+        } else {
+            self.stream = (self.stream << 8) | b as u32;
+        }
+        self.pos = p + 1;
+        if self.pos < 9 {
+            return;
+        }
+        let id = self.stream & 0x7fff_ffff;
+        let (kind, flags) = (self.cand, self.flags);
+        match side {
+            Side::Requests => {
+                if kind == H2_HEADERS && id > self.last_stream {
+                    self.last_stream = id;
+                    starts.messages += 1;
+                }
+            }
+            Side::Responses => {
+                if ((kind == H2_DATA || kind == H2_HEADERS) && flags & H2_END_STREAM != 0 && id != 0)
+                    || (kind == H2_RST_STREAM && id != 0)
+                {
+                    starts.messages += 1;
+                }
+            }
+        }
+        self.flags = 0;
+        if self.remaining == 0 {
+            self.h2_next_frame();
+        } else {
+            self.phase = H2_PAYLOAD;
+        }
+    }
+
+    /// The current message ended: the next byte starts the next one.
+    #[inline(always)]
+    fn done(&mut self) {
+        self.phase = START;
+        self.remaining = 0;
+        self.flags = 0;
+        self.head_len = 0;
+    }
+
+    /// The start line's head is complete: classify it and count the message.
+    #[inline(always)]
+    fn classify_head(&mut self, side: Side, starts: &mut Starts) {
+        let len = self.head_len as usize;
+        let kind = classify(&self.head, if len > PREFIX_LEN { PREFIX_LEN } else { len });
+        self.flags = 0;
+        match (side, kind) {
+            (Side::Requests, SegmentStart::Request) => starts.messages += 1,
+            (Side::Responses, SegmentStart::FinalResponse) => {
+                starts.messages += 1;
+                self.flags = F_RESPONSE;
+                // 101 Switching Protocols: what follows is not HTTP/1.
+                if self.head[9] == b'1' {
+                    self.flags |= F_TO_CLOSE;
+                } else if (self.head[9] == b'2' || self.head[9] == b'3')
+                    && self.head[10] == b'0'
+                    && self.head[11] == b'4'
+                {
+                    self.flags |= F_NO_BODY;
+                }
+            }
+            (Side::Responses, SegmentStart::InterimResponse) => {
+                starts.interim += 1;
+                self.flags = F_RESPONSE | F_NO_BODY;
+            }
+            _ => {
+                self.lose();
+                return;
+            }
+        }
+        self.phase = LINE;
+    }
+
+    /// The empty line after the headers: decide how the body is delimited.
+    #[inline(always)]
+    fn headers_done(&mut self) {
+        let f = self.flags;
+        if f & F_TO_CLOSE != 0 {
+            self.lose();
+        } else if f & F_NO_BODY != 0 {
+            self.done();
+        } else if f & F_CHUNKED != 0 {
+            self.phase = CHUNK_SIZE;
+            self.remaining = 0;
+            self.pos = 0;
+        } else if f & F_HAS_CL != 0 {
+            if self.remaining == 0 {
+                self.done();
+            } else {
+                self.phase = BODY;
+            }
+        } else if f & F_RESPONSE != 0 {
+            // A response delimited by the connection's end.
+            self.lose();
+        } else {
+            self.done();
+        }
+    }
+
+    /// Consumes one byte that is not body.
+    #[inline(always)]
+    // One arm per phase reads best as a state machine, even where an arm is a single `if`.
+    #[allow(clippy::collapsible_match)]
+    pub fn step(&mut self, b: u8, side: Side, starts: &mut Starts) {
+        match self.phase {
+            START => {
+                // Empty lines before a request are allowed (RFC 9112 §2.2).
+                if b == b'\r' || b == b'\n' {
+                    return;
+                }
+                self.head = [0; PREFIX_LEN];
+                self.head[0] = b;
+                self.head_len = 1;
+                self.phase = HEAD;
+            }
+            HEAD => {
+                let i = self.head_len as usize;
+                if i < PREFIX_LEN {
+                    self.head[i] = b;
+                    self.head_len += 1;
+                }
+                // A server's HTTP/2 preface: SETTINGS (type 4, no flags) on stream 0.
+                if side == Side::Responses
+                    && self.head_len == 9
+                    && self.head[0] == 0
+                    && self.head[3] == H2_SETTINGS
+                    && self.head[4] == 0
+                    && self.head[5] == 0
+                    && self.head[6] == 0
+                    && self.head[7] == 0
+                    && self.head[8] == 0
+                {
+                    self.remaining = ((self.head[1] as u64) << 8) | self.head[2] as u64;
+                    self.flags = 0;
+                    self.phase = if self.remaining == 0 {
+                        H2_HEADER
+                    } else {
+                        H2_PAYLOAD
+                    };
+                    self.pos = 0;
+                    self.stream = 0;
+                    return;
+                }
+                if side == Side::Requests && self.head_len as usize == PREFIX_LEN && self.head == *PREFACE {
+                    // "SM\r\n\r\n" follows: 8 bytes, then frames.
+                    self.phase = H2_PREFACE;
+                    self.remaining = 8;
+                    self.flags = 0;
+                    return;
+                }
+                if b == b'\n' {
+                    self.classify_head(side, starts);
+                    if self.phase == LINE {
+                        self.phase = HDR_START;
+                    }
+                } else if self.head_len as usize >= PREFIX_LEN {
+                    self.classify_head(side, starts);
+                }
+            }
+            LINE => {
+                if b == b'\n' {
+                    self.phase = HDR_START;
+                }
+            }
+            HDR_START => {
+                if b == b'\r' {
+                    self.phase = HDR_END;
+                } else if b == b'\n' {
+                    self.headers_done();
+                } else {
+                    self.pos = 0;
+                    self.cand = 3;
+                    self.phase = HDR_NAME;
+                    self.header_name(b);
+                }
+            }
+            HDR_NAME => self.header_name(b),
+            HDR_SKIP => {
+                if b == b'\n' {
+                    self.phase = HDR_START;
+                }
+            }
+            CL_VALUE => {
+                if b.is_ascii_digit() {
+                    self.remaining = self.remaining * 10 + (b - b'0') as u64;
+                    if self.remaining > MAX_BODY {
+                        self.lose();
+                    }
+                } else if b == b'\n' {
+                    self.phase = HDR_START;
+                } else if b != b' ' && b != b'\t' && b != b'\r' {
+                    // "Content-Length: 5, 5" and the like: not framed.
+                    self.lose();
+                }
+            }
+            TE_VALUE => {
+                if b == b'\n' {
+                    self.phase = HDR_START;
+                    return;
+                }
+                let p = self.cand as usize;
+                if p < CHUNKED.len() && lower(b) == CHUNKED[p] {
+                    self.cand += 1;
+                    if self.cand as usize == CHUNKED.len() {
+                        self.flags |= F_CHUNKED;
+                    }
+                } else {
+                    self.cand = if lower(b) == CHUNKED[0] { 1 } else { 0 };
+                    // Only the last coding decides; "chunked, gzip" is not chunked framing.
+                    if b != b' ' && b != b'\t' && b != b'\r' {
+                        self.flags &= !F_CHUNKED;
+                    }
+                }
+            }
+            HDR_END => {
+                if b == b'\n' {
+                    self.headers_done();
+                } else {
+                    self.lose();
+                }
+            }
+            CHUNK_SIZE => {
+                if let Some(v) = hex(b) {
+                    self.remaining = self.remaining * 16 + v;
+                    self.pos = 1;
+                    if self.remaining > MAX_BODY {
+                        self.lose();
+                    }
+                } else if b == b';' || b == b' ' || b == b'\t' {
+                    self.phase = CHUNK_EXT;
+                } else if b == b'\r' {
+                } else if b == b'\n' && self.pos == 1 {
+                    self.chunk_size_done();
+                } else {
+                    self.lose();
+                }
+            }
+            CHUNK_EXT => {
+                if b == b'\n' {
+                    self.chunk_size_done();
+                }
+            }
+            CHUNK_DATA_END => {
+                if b == b'\n' {
+                    self.phase = CHUNK_SIZE;
+                    self.remaining = 0;
+                    self.pos = 0;
+                } else if b != b'\r' {
+                    self.lose();
+                }
+            }
+            TRAILER_START => {
+                if b == b'\r' {
+                    self.phase = TRAILER_END;
+                } else if b == b'\n' {
+                    self.done();
+                } else {
+                    self.phase = TRAILER_SKIP;
+                }
+            }
+            TRAILER_SKIP => {
+                if b == b'\n' {
+                    self.phase = TRAILER_START;
+                }
+            }
+            TRAILER_END => {
+                if b == b'\n' {
+                    self.done();
+                } else {
+                    self.lose();
+                }
+            }
+            H2_HEADER => self.h2_header_byte(b, side, starts),
+            // BODY, CHUNK_DATA and the HTTP/2 skips with nothing left cannot happen (skip moves
+            // on); LOST stays.
+            _ => {}
+        }
+    }
+
+    #[inline(always)]
+    fn chunk_size_done(&mut self) {
+        if self.remaining == 0 {
+            self.phase = TRAILER_START;
+        } else {
+            self.phase = CHUNK_DATA;
+        }
+    }
+
+    /// One byte of a header name: still `Content-Length:` or `Transfer-Encoding:`?
+    #[inline(always)]
+    fn header_name(&mut self, b: u8) {
+        if b == b'\n' {
+            self.phase = HDR_START;
+            return;
+        }
+        let p = self.pos as usize;
+        let c = lower(b);
+        let mut cand = self.cand;
+        if cand & 1 != 0 && !(p < CONTENT_LENGTH.len() && CONTENT_LENGTH[p] == c) {
+            cand &= !1;
+        }
+        if cand & 2 != 0 && !(p < TRANSFER_ENCODING.len() && TRANSFER_ENCODING[p] == c) {
+            cand &= !2;
+        }
+        self.cand = cand;
+        self.pos += 1;
+        if cand == 0 {
+            self.phase = HDR_SKIP;
+        } else if cand & 1 != 0 && p + 1 == CONTENT_LENGTH.len() {
+            if self.flags & F_HAS_CL != 0 {
+                // A second Content-Length: not framed.
+                self.lose();
+                return;
+            }
+            self.flags |= F_HAS_CL;
+            self.remaining = 0;
+            self.phase = CL_VALUE;
+        } else if cand & 2 != 0 && p + 1 == TRANSFER_ENCODING.len() {
+            self.cand = 0;
+            self.phase = TE_VALUE;
+        }
+    }
+
+    /// Whether the framer only waits for the end of a line (no byte before it matters).
+    #[inline(always)]
+    fn waiting_for_lf(&self) -> bool {
+        self.phase == LINE || self.phase == HDR_SKIP || self.phase == TRAILER_SKIP || self.phase == CHUNK_EXT
+    }
+
+    /// At a message start with a whole chunk loaded: takes the start line's head (up to its
+    /// `\n`, at most [`CHUNK`] bytes) at once, as [`Framer::step`] would byte by byte. Returns
+    /// how many bytes it consumed.
+    #[inline(always)]
+    pub fn take_head(&mut self, buf: &[u8; CHUNK], side: Side, starts: &mut Starts) -> usize {
+        // A server's HTTP/2 preface: SETTINGS (type 4, no flags) on stream 0.
+        if side == Side::Responses
+            && buf[0] == 0
+            && buf[3] == H2_SETTINGS
+            && buf[4] == 0
+            && buf[5] == 0
+            && buf[6] == 0
+            && buf[7] == 0
+            && buf[8] == 0
+        {
+            self.remaining = ((buf[1] as u64) << 8) | buf[2] as u64;
+            self.flags = 0;
+            self.phase = if self.remaining == 0 {
+                H2_HEADER
+            } else {
+                H2_PAYLOAD
+            };
+            self.pos = 0;
+            self.stream = 0;
+            return 9;
+        }
+        if side == Side::Requests && *buf == *PREFACE {
+            self.phase = H2_PREFACE;
+            self.remaining = 8;
+            self.flags = 0;
+            return CHUNK;
+        }
+        self.head = *buf;
+        let lf = find_lf(buf, 0, CHUNK);
+        let used = if lf < CHUNK { lf + 1 } else { CHUNK };
+        self.head_len = used as u8;
+        self.classify_head(side, starts);
+        if self.phase == LINE && lf < CHUNK {
+            self.phase = HDR_START;
+        }
+        used
+    }
+
+    /// Feeds a whole segment the way the kernel does, `max_rounds` rounds at most (a segment
+    /// that needs more loses the stream, like the kernel's bounded loop).
+    pub fn feed(&mut self, data: &[u8], side: Side, max_rounds: usize) -> Starts {
+        let mut starts = Starts::default();
+        let (p, len) = crate::http::prefix_of(data);
+        self.resync(&p, len);
+        let mut cur = Cursor::new(0, data.len() as u32);
+        let mut load = |off: u32, buf: &mut [u8; CHUNK], n: u32| {
+            let (off, n) = (off as usize, n as usize);
+            buf[..n].copy_from_slice(&data[off..off + n]);
+            true
+        };
+        let mut rounds = 0;
+        while cur.round(self, side, &mut starts, &mut load) {
+            rounds += 1;
+            if rounds == max_rounds {
+                if !cur.finished() {
+                    self.lose();
+                }
+                break;
+            }
+        }
+        starts
+    }
+}
+
+/// A position in one segment's payload and the chunk of it loaded last: the state of the
+/// kernel's framing loop, whose every round is one [`Cursor::round`] (a body skip or a chunk).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cursor {
+    pub buf: [u8; CHUNK],
+    /// Offset of the next byte to consume, and the end of the payload.
+    pub off: u32,
+    pub end: u32,
+    /// Index in `buf` of the byte at `off`, and how many bytes of `buf` are loaded.
+    pub pos: u32,
+    pub len: u32,
+}
+
+impl Cursor {
+    pub const fn new(off: u32, end: u32) -> Self {
+        Self {
+            buf: [0; CHUNK],
+            off,
+            end,
+            pos: 0,
+            len: 0,
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        self.off >= self.end
+    }
+
+    /// Loads the next chunk (at most [`CHUNK`] bytes) at `off`.
+    #[inline(always)]
+    fn reload(&mut self, f: &mut Framer, load: &mut impl FnMut(u32, &mut [u8; CHUNK], u32) -> bool) -> bool {
+        let mut n = self.end - self.off;
+        if n > CHUNK as u32 {
+            n = CHUNK as u32;
+        }
+        // Cannot happen (off < end), but the verifier needs to see the size is not zero.
+        if n == 0 {
+            return false;
+        }
+        if !load(self.off, &mut self.buf, n) {
+            f.lose();
+            return false;
+        }
+        self.pos = 0;
+        self.len = n;
+        true
+    }
+
+    #[inline(always)]
+    fn advance(&mut self, n: u32) -> bool {
+        self.pos += n;
+        self.off += n;
+        self.off < self.end
+    }
+
+    /// One round: skips body bytes by count, takes a whole start line head at once, jumps to the
+    /// end of a line that does not matter, or frames one byte; chunks of at most [`CHUNK`] bytes
+    /// are loaded with `load(offset, buf, n)` as needed. Returns false when the segment is done
+    /// (or the stream lost).
+    #[inline(always)]
+    pub fn round(
+        &mut self,
+        f: &mut Framer,
+        side: Side,
+        starts: &mut Starts,
+        load: &mut impl FnMut(u32, &mut [u8; CHUNK], u32) -> bool,
+    ) -> bool {
+        if f.is_lost() || self.off >= self.end {
+            return false;
+        }
+        if f.in_body() {
+            self.off += f.skip((self.end - self.off) as u64) as u32;
+            self.pos = 0;
+            self.len = 0;
+            return self.off < self.end;
+        }
+        if f.phase == START {
+            // A message starts here: load it at the start of the chunk, take its head at once.
+            if !self.reload(f, load) {
+                return false;
+            }
+            if self.len == CHUNK as u32 && self.buf[0] != b'\r' && self.buf[0] != b'\n' {
+                let used = f.take_head(&self.buf, side, starts);
+                return self.advance(used as u32);
+            }
+        } else if self.pos >= self.len && !self.reload(f, load) {
+            return false;
+        }
+        if f.waiting_for_lf() {
+            let lf = find_lf(&self.buf, self.pos as usize, self.len as usize) as u32;
+            if lf >= self.len {
+                let rest = self.len - self.pos;
+                return self.advance(rest);
+            }
+            let gap = lf - self.pos;
+            self.advance(gap);
+        }
+        // The compiler knows pos < len ≤ CHUNK and would drop this check, which the verifier
+        // needs to see on the index it is given.
+        let j = core::hint::black_box(self.pos as usize);
+        if j < CHUNK {
+            f.step(self.buf[j], side, starts);
+        }
+        self.advance(1)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,376 @@
+//! The userspace twin of the kernel's framing, fuzzed: pipelined messages split into random
+//! segments are counted exactly, garbage counts nothing, and nothing panics.
+
+extern crate std;
+
+use std::{format, vec::Vec};
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// The kernel's bound on rounds per segment.
+const MAX_ROUNDS: usize = 8192;
+
+fn feed_all(segments: &[&[u8]], side: Side) -> (Starts, Framer) {
+    let mut f = Framer::new();
+    let mut total = Starts::default();
+    for s in segments {
+        let st = f.feed(s, side, MAX_ROUNDS);
+        total.messages += st.messages;
+        total.interim += st.interim;
+    }
+    (total, f)
+}
+
+/// A small deterministic generator, so the million-case loops are fast and replayable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+
+/// One request: a method, headers in random case, and a body framed by length, chunks, or none.
+/// Bodies may contain text that looks like a request line: it must not count.
+fn request(r: &mut Rng) -> Vec<u8> {
+    let method = METHODS[r.below(METHODS.len() as u64) as usize];
+    let mut out = format!(
+        "{method} /p{}?q={} HTTP/1.1\r\nHost: x\r\n",
+        r.below(1000),
+        r.below(1 << 20)
+    )
+    .into_bytes();
+    for _ in 0..r.below(4) {
+        out.extend_from_slice(
+            format!("X-H{}: {}\r\n", r.below(100), "v".repeat(r.below(40) as usize)).as_bytes(),
+        );
+    }
+    let body = body(r);
+    match r.below(3) {
+        0 if body.is_empty() => {}
+        0 | 1 => {
+            let name = if r.below(2) == 0 {
+                "Content-Length"
+            } else {
+                "content-LENGTH"
+            };
+            out.extend_from_slice(format!("{name}: {}\r\n\r\n", body.len()).as_bytes());
+            out.extend_from_slice(&body);
+            return out;
+        }
+        _ => {
+            out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+            chunked(r, &body, &mut out);
+            return out;
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Random bytes that bodies are cut from (generating each body anew would dominate the run).
+fn noise() -> &'static [u8] {
+    static NOISE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    NOISE.get_or_init(|| Rng(0x5eed).bytes(140_000))
+}
+
+fn body(r: &mut Rng) -> Vec<u8> {
+    let len = match r.below(8) {
+        0 => return Vec::new(),
+        1 => return b"GET / HTTP/1.1\r\n\r\nHTTP/1.1 200 OK\r\n\r\n".to_vec(),
+        2..=5 => r.below(300),
+        6 => r.below(3000),
+        _ => r.below(70_000),
+    } as usize;
+    let start = r.below(70_000) as usize;
+    noise()[start..start + len].to_vec()
+}
+
+fn chunked(r: &mut Rng, body: &[u8], out: &mut Vec<u8>) {
+    let mut rest = body;
+    while !rest.is_empty() {
+        let n = (1 + r.below(5000) as usize).min(rest.len());
+        let ext = if r.below(4) == 0 { ";ext=1" } else { "" };
+        out.extend_from_slice(format!("{n:x}{ext}\r\n").as_bytes());
+        out.extend_from_slice(&rest[..n]);
+        out.extend_from_slice(b"\r\n");
+        rest = &rest[n..];
+    }
+    out.extend_from_slice(b"0\r\n");
+    if r.below(3) == 0 {
+        out.extend_from_slice(b"Trailer-X: 1\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One response (with an interim `100 Continue` before it, sometimes).
+fn response(r: &mut Rng, interim: &mut u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    if r.below(5) == 0 {
+        out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        *interim += 1;
+    }
+    match r.below(4) {
+        0 => out.extend_from_slice(b"HTTP/1.1 204 No Content\r\nServer: s\r\n\r\n"),
+        1 => {
+            out.extend_from_slice(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let b = body(r);
+            chunked(r, &b, &mut out);
+        }
+        _ => {
+            let b = body(r);
+            out.extend_from_slice(
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", b.len()).as_bytes(),
+            );
+            out.extend_from_slice(&b);
+        }
+    }
+    out
+}
+
+/// Cuts `stream` at random places into segments.
+fn split<'a>(r: &mut Rng, stream: &'a [u8]) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let mut rest = stream;
+    while !rest.is_empty() {
+        let n = match r.below(3) {
+            0 => 1 + r.below(8),
+            1 => 1 + r.below(200),
+            _ => 1 + r.below(65_000),
+        } as usize;
+        let n = n.min(rest.len());
+        out.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    out
+}
+
+fn pipelined_requests_case(seed: u64) {
+    let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let n = 1 + r.below(12) as u32;
+    let mut stream = Vec::new();
+    for _ in 0..n {
+        stream.extend(request(&mut r));
+    }
+    let segments = split(&mut r, &stream);
+    let (starts, f) = feed_all(&segments, Side::Requests);
+    assert_eq!(starts.messages, n, "seed {seed}");
+    assert_eq!(f.phase, START, "seed {seed}: ends between messages");
+}
+
+fn pipelined_responses_case(seed: u64) {
+    let mut r = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
+    let n = 1 + r.below(12) as u32;
+    let (mut stream, mut interim) = (Vec::new(), 0);
+    for _ in 0..n {
+        stream.extend(response(&mut r, &mut interim));
+    }
+    let segments = split(&mut r, &stream);
+    let (starts, _) = feed_all(&segments, Side::Responses);
+    assert_eq!((starts.messages, starts.interim), (n, interim), "seed {seed}");
+}
+
+fn garbage_case(seed: u64) {
+    let mut r = Rng(seed | 1);
+    let len = r.below(4000) as usize;
+    let stream = r.bytes(len);
+    let segments = split(&mut r, &stream);
+    for side in [Side::Requests, Side::Responses] {
+        let (starts, _) = feed_all(&segments, side);
+        assert_eq!(starts, Starts::default(), "seed {seed}");
+    }
+}
+
+fn h2_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len() as u32;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Frames that carry no stream event: SETTINGS (ack), PING, WINDOW_UPDATE, PRIORITY.
+fn h2_noise(r: &mut Rng, out: &mut Vec<u8>, stream: u32) {
+    match r.below(5) {
+        0 => h2_frame(out, 4, 1, 0, &[]),
+        1 => h2_frame(out, 6, 0, 0, &[7; 8]),
+        2 => h2_frame(out, 8, 0, stream, &[0, 0, 1, 0]),
+        3 => h2_frame(out, 2, 0, stream, &[0, 0, 0, 0, 16]),
+        _ => {}
+    }
+}
+
+/// A client's h2c/gRPC connection with `n` streams (HEADERS, maybe CONTINUATION, DATA), and the
+/// server's side: SETTINGS first, then per stream HEADERS, DATA, and an end (END_STREAM on DATA
+/// or trailers, or RST_STREAM).
+fn h2_case(seed: u64) {
+    let mut r = Rng(seed.wrapping_mul(0x94D0_49BB_1331_11EB) | 1);
+    let n = 1 + r.below(20) as u32;
+    let (mut client, mut server) = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), Vec::new());
+    h2_frame(&mut client, 4, 0, 0, &[0, 3, 0, 0, 0, 100]);
+    h2_frame(&mut server, 4, 0, 0, &[0, 4, 0, 1, 0, 0, 0, 5, 0, 0x40, 0, 0]);
+    let mut id = 1;
+    for _ in 0..n {
+        let len = 1 + r.below(300) as usize;
+        let block = r.bytes(len);
+        let body_flags = if r.below(2) == 0 { 5 } else { 4 };
+        h2_frame(&mut client, 1, body_flags, id, &block);
+        if body_flags == 4 {
+            h2_frame(&mut client, 9, 4, id, &[1, 2, 3]);
+        }
+        h2_noise(&mut r, &mut client, id);
+        for last in [false, true] {
+            let data = body(&mut r);
+            h2_frame(
+                &mut client,
+                0,
+                if last { 1 } else { 0 },
+                id,
+                &data[..data.len().min(16_384)],
+            );
+        }
+        let head = r.bytes(20);
+        h2_frame(&mut server, 1, 4, id, &head);
+        h2_noise(&mut r, &mut server, id);
+        let data = body(&mut r);
+        match r.below(3) {
+            0 => h2_frame(&mut server, 0, 1, id, &data[..data.len().min(16_384)]),
+            1 => {
+                h2_frame(&mut server, 0, 0, id, &data[..data.len().min(16_384)]);
+                h2_frame(&mut server, 1, 5, id, b"grpc-status: 0");
+            }
+            _ => h2_frame(&mut server, 3, 0, id, &[0, 0, 0, 8]),
+        }
+        id += 2 * (1 + r.below(3) as u32);
+    }
+    // A retransmitted HEADERS on an old stream id starts nothing.
+    h2_frame(&mut client, 1, 4, 1, &[0]);
+    let segments = split(&mut r, &client);
+    let (starts, f) = feed_all(&segments, Side::Requests);
+    assert_eq!(starts.messages, n, "seed {seed}: client streams");
+    assert!(f.is_h2(), "seed {seed}");
+    let segments = split(&mut r, &server);
+    let (starts, f) = feed_all(&segments, Side::Responses);
+    assert_eq!(starts.messages, n, "seed {seed}: stream ends");
+    assert!(f.is_h2(), "seed {seed}");
+}
+
+#[test]
+fn a_hundred_thousand_h2_connections_are_counted_exactly() {
+    for seed in 0..100_000 {
+        h2_case(seed);
+    }
+}
+
+#[test]
+fn a_million_pipelined_streams_are_counted_exactly() {
+    for seed in 0..150_000 {
+        pipelined_requests_case(seed);
+        pipelined_responses_case(seed);
+    }
+}
+
+#[test]
+fn a_million_garbage_streams_count_nothing() {
+    for seed in 1..1_000_001 {
+        garbage_case(seed);
+    }
+}
+
+#[test]
+fn the_kernel_bound_loses_only_huge_header_blocks() {
+    // A 200 kB header line in one segment is beyond the rounds: the stream is given up, not
+    // miscounted.
+    let mut s = b"GET / HTTP/1.1\r\nX: ".to_vec();
+    s.extend(std::iter::repeat_n(b'a', 200_000));
+    s.extend_from_slice(b"\r\n\r\n");
+    let (starts, f) = feed_all(&[&s], Side::Requests);
+    assert_eq!(starts.messages, 1);
+    assert!(f.is_lost());
+    // The next request at a segment start resyncs.
+    let mut f2 = f;
+    assert_eq!(
+        f2.feed(b"GET / HTTP/1.1\r\n\r\n", Side::Requests, MAX_ROUNDS)
+            .messages,
+        1
+    );
+}
+
+#[test]
+fn protocol_switches_and_unframed_responses_stop_counting() {
+    let (s, f) = feed_all(
+        &[b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"],
+        Side::Responses,
+    );
+    assert_eq!(s.messages, 1);
+    assert!(f.is_lost());
+    let (s, f) = feed_all(&[b"HTTP/1.0 200 OK\r\n\r\nbody until close"], Side::Responses);
+    assert_eq!(s.messages, 1);
+    assert!(f.is_lost());
+    let (s, _) = feed_all(
+        &[b"PRI * HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n"],
+        Side::Requests,
+    );
+    assert_eq!(s.messages, 1, "a segment-start request resyncs");
+    // After an HTTP/2 preface, bytes are frames: no HTTP/1 request line counts.
+    let (s, f) = feed_all(
+        &[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n"],
+        Side::Requests,
+    );
+    assert_eq!(s.messages, 0);
+    assert!(f.is_h2());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_bytes_in_any_segments_never_panic(
+        data in proptest::collection::vec(any::<u8>(), 0..600),
+        cuts in proptest::collection::vec(1usize..64, 0..20),
+    ) {
+        let mut segments = Vec::new();
+        let mut rest = &data[..];
+        for c in cuts {
+            let n = c.min(rest.len());
+            segments.push(&rest[..n]);
+            rest = &rest[n..];
+        }
+        segments.push(rest);
+        for side in [Side::Requests, Side::Responses] {
+            let _ = feed_all(&segments, side);
+        }
+    }
+
+    #[test]
+    fn pipelined_requests_are_counted_exactly(seed in any::<u64>()) {
+        pipelined_requests_case(seed);
+    }
+
+    #[test]
+    fn pipelined_responses_are_counted_exactly(seed in any::<u64>()) {
+        pipelined_responses_case(seed);
+    }
+
+    #[test]
+    fn h2_streams_are_counted_exactly(seed in any::<u64>()) {
+        h2_case(seed);
+    }
+}
