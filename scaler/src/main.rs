@@ -97,6 +97,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     let web = axum::serve(http_listener, http::router(Arc::clone(&shared)))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let kubernetes = surge_scaler::k8s::spawn_from_env(
+        |k| std::env::var(k).ok(),
+        Arc::clone(&shared),
+        env.defaults.clone(),
+        tick,
+        stop_rx.clone(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     let controller = Controller::new(Arc::clone(&shared), PolicyDir::new(policy_dir), env.defaults);
     let control = tokio::spawn(controller.run(tick, stop_rx.clone()));
     let grpc = tokio::spawn(grpc);
@@ -108,6 +117,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = grpc.await;
         let _ = web.await;
         let _ = control.await;
+        if let Some(k) = kubernetes {
+            let _ = k.await;
+        }
     })
     .await;
     Ok(())
