@@ -7,6 +7,8 @@
 #                               cached outside the repository in $SURGE_KUBE_CACHE/<debian version>/bin
 #   cluster.sh start DIR        start etcd + kube-apiserver (+ controller-manager) with state in DIR;
 #                               prints the kubeconfig path (DIR/kubeconfig) when /readyz answers
+#                               With SURGE_KUBE_ENDPOINTSLICE_V1=1, discovery.k8s.io/v1 EndpointSlices
+#                               are served (a CRD stand-in: 1.20 only has v1beta1, which is turned off)
 #   cluster.sh stop DIR         stop what `start DIR` started and remove DIR
 #   cluster.sh bin              print the directory holding the cached binaries (building if missing)
 #
@@ -137,6 +139,8 @@ start() {
   token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
   printf '%s,admin,admin,system:masters\n' "$token" >"$pki/tokens.csv"
 
+  local runtime_config=()
+  [ "${SURGE_KUBE_ENDPOINTSLICE_V1:-0}" = 1 ] && runtime_config=(--runtime-config=discovery.k8s.io/v1beta1=false)
   local etcd_port peer_port api_port
   etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
   spawn "$dir" etcd etcd --name surge-test --data-dir "$dir/etcd" \
@@ -149,7 +153,7 @@ start() {
     --client-ca-file="$pki/ca.crt" --token-auth-file="$pki/tokens.csv" --authorization-mode=RBAC \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
-    --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none
+    --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none "${runtime_config[@]}"
   cat >"$dir/kubeconfig" <<KUBECONFIG
 apiVersion: v1
 kind: Config
@@ -177,6 +181,9 @@ KUBECONFIG
     if curl -fsS --cacert "$pki/ca.crt" -H "Authorization: Bearer $token" \
       "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then
       log "ready after $((i / 4)) s: https://127.0.0.1:$api_port"
+      if [ "${SURGE_KUBE_ENDPOINTSLICE_V1:-0}" = 1 ]; then
+        endpointslice_v1 "https://127.0.0.1:$api_port" "$pki/ca.crt" "$token" || { stop "$dir"; die "EndpointSlice v1 stand-in failed"; }
+      fi
       printf '%s\n' "$dir/kubeconfig"
       return 0
     fi
@@ -185,6 +192,27 @@ KUBECONFIG
   tail -20 "$dir/kube-apiserver.log" >&2 || true
   stop "$dir"
   die "kube-apiserver did not become ready in 30 s"
+}
+
+# Serves discovery.k8s.io/v1 EndpointSlices on 1.20 (which has only v1beta1, turned off by the
+# caller): a schemaless CRD of that name. The tests write the slices themselves.
+endpointslice_v1() {
+  local server="$1" ca="$2" token="$3" i
+  local crd='{"apiVersion":"apiextensions.k8s.io/v1","kind":"CustomResourceDefinition",
+    "metadata":{"name":"endpointslices.discovery.k8s.io",
+      "annotations":{"api-approved.kubernetes.io":"https://github.com/kubernetes/enhancements/pull/1"}},
+    "spec":{"group":"discovery.k8s.io","scope":"Namespaced",
+      "names":{"kind":"EndpointSlice","listKind":"EndpointSliceList","plural":"endpointslices","singular":"endpointslice"},
+      "versions":[{"name":"v1","served":true,"storage":true,
+        "schema":{"openAPIV3Schema":{"type":"object","x-kubernetes-preserve-unknown-fields":true}}}]}}'
+  curl -fsS --cacert "$ca" -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
+    -X POST "$server/apis/apiextensions.k8s.io/v1/customresourcedefinitions" -d "$crd" >/dev/null || return 1
+  for i in $(seq 1 80); do
+    curl -fsS --cacert "$ca" -H "Authorization: Bearer $token" \
+      "$server/apis/discovery.k8s.io/v1/endpointslices" >/dev/null 2>&1 && return 0
+    sleep 0.25
+  done
+  return 1
 }
 
 stop() {
