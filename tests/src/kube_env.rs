@@ -30,7 +30,9 @@ use kube::{
     Api, Client, Config,
 };
 use serde_json::{json, Value};
-use surge_proto::v1::{agent_message, AgentMessage, Hello, Report, ServiceCounters};
+use surge_proto::v1::{
+    agent_message, scaler_command, AgentMessage, Hello, Report, ServiceCounters, WatchSet,
+};
 
 const CLUSTER_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kube-test/cluster.sh");
 const CRD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kubernetes/crd.yaml");
@@ -380,11 +382,25 @@ where
     }
 }
 
+/// A stand-in surge-agent and what the scaler told it to watch.
+pub struct FakeAgent {
+    pub watch_set: tokio::sync::watch::Receiver<WatchSet>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Stands in for a surge-agent: reports cumulative counters for `service` every 200 ms at the
-/// request rate in `rps`, over the scaler's real gRPC agent link.
-pub fn fake_agent(scaler: &str, service: &str, rps: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+/// request rate in `rps`, over the scaler's real gRPC agent link, and keeps the watch sets the
+/// scaler sends.
+pub fn fake_agent(scaler: &str, service: &str, rps: Arc<AtomicU64>) -> FakeAgent {
     let (scaler, service) = (scaler.to_string(), service.to_string());
-    tokio::spawn(async move {
+    let (watch_tx, watch_set) = tokio::sync::watch::channel(WatchSet::default());
+    let task = tokio::spawn(async move {
         let mut client = surge_proto::v1::agent_link_client::AgentLinkClient::connect(scaler)
             .await
             .expect("connect to the scaler");
@@ -401,7 +417,14 @@ pub fn fake_agent(scaler: &str, service: &str, rps: Arc<AtomicU64>) -> tokio::ta
             .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
             .expect("stream");
-        let _commands = response.into_inner();
+        let mut commands = response.into_inner();
+        tokio::spawn(async move {
+            while let Ok(Some(cmd)) = commands.message().await {
+                if let Some(scaler_command::Body::Watch(set)) = cmd.body {
+                    watch_tx.send_replace(set);
+                }
+            }
+        });
         let start = Instant::now();
         let (mut requests, mut seq) = (0f64, 0u64);
         loop {
@@ -426,7 +449,8 @@ pub fn fake_agent(scaler: &str, service: &str, rps: Arc<AtomicU64>) -> tokio::ta
                 return;
             }
         }
-    })
+    });
+    FakeAgent { watch_set, task }
 }
 
 /// An HPA-style policy on rps (10 per replica) that reacts within a second both ways.

@@ -28,7 +28,7 @@ async fn scales_a_deployment_up_and_down_on_injected_traffic() {
     env.create_deployment("web", 2).await;
     let _endpoints = env.fake_endpoints("web", "web");
     let rps = Arc::new(AtomicU64::new(50));
-    let _agent = fake_agent(&env.scaler.grpc, "surge-updown/web", Arc::clone(&rps));
+    let agent = fake_agent(&env.scaler.grpc, "surge-updown/web", Arc::clone(&rps));
     env.create_scaler(
         "web",
         json!({"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
@@ -59,6 +59,30 @@ async fn scales_a_deployment_up_and_down_on_injected_traffic() {
     let last = &s["lastDecision"];
     assert_eq!(last["desired"], 5, "{s}");
     assert!(last["reason"].as_str().is_some_and(|r| !r.is_empty()), "{s}");
+
+    // The agents are told to watch the Service's endpoints (pod IP and port).
+    let mut watch_set = agent.watch_set.clone();
+    let set = tokio::time::timeout(
+        Duration::from_secs(10),
+        watch_set.wait_for(|w| {
+            w.services
+                .iter()
+                .any(|s| s.name == "surge-updown/web" && s.endpoints.len() == 5)
+        }),
+    )
+    .await
+    .expect("a watch set with the 5 endpoints")
+    .expect("watch set")
+    .clone();
+    let web = set
+        .services
+        .iter()
+        .find(|s| s.name == "surge-updown/web")
+        .expect("web");
+    assert!(
+        web.endpoints.iter().any(|e| e.ip == "10.1.0.1" && e.port == 8080),
+        "{web:?}"
+    );
 
     // 10 rps: one replica.
     rps.store(10, Ordering::Relaxed);

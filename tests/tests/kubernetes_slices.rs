@@ -17,7 +17,7 @@ async fn ready_replicas_come_from_endpoint_slices() {
     // The Service is named apart from the Deployment: spec.service picks it.
     let _slices = env.fake_endpoint_slices("web", "web-svc");
     let rps = Arc::new(AtomicU64::new(30));
-    let _agent = fake_agent(&env.scaler.grpc, "surge-slices/web-svc", Arc::clone(&rps));
+    let agent = fake_agent(&env.scaler.grpc, "surge-slices/web-svc", Arc::clone(&rps));
     env.create_scaler(
         "web",
         json!({"scaleTargetRef": {"kind": "Deployment", "name": "web"}, "service": "web-svc",
@@ -32,4 +32,19 @@ async fn ready_replicas_come_from_endpoint_slices() {
         .wait_status("web", "3 ready replicas", |s| s["readyReplicas"] == 3)
         .await;
     assert!(condition_is(&s, "Ready", "True"), "{s}");
+    // Agents watch every endpoint of the slices, the not-ready one too (it may become ready).
+    let mut watch_set = agent.watch_set.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        watch_set.wait_for(|w| {
+            w.services.iter().any(|s| {
+                s.name == "surge-slices/web-svc"
+                    && s.endpoints.len() == 4
+                    && s.endpoints.iter().any(|e| e.ip == "10.2.1.1" && e.port == 8080)
+            })
+        }),
+    )
+    .await
+    .expect("a watch set with the slices' 4 endpoints")
+    .expect("watch set");
 }

@@ -4,7 +4,8 @@
 //! the Service has no endpoints object; `scale` patches `/scale`.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU8, Ordering},
         RwLock,
@@ -79,6 +80,27 @@ pub struct KubeActuator {
     targets: RwLock<HashMap<String, Target>>,
     /// Whether discovery.k8s.io/v1 EndpointSlices are served (learned on first use).
     slices: AtomicU8,
+    /// The endpoints (pod IP and port, ready or not) last seen for each service.
+    endpoints: RwLock<BTreeMap<String, Vec<SocketAddr>>>,
+}
+
+/// What a Service's endpoints objects say.
+struct Seen {
+    ready: u32,
+    endpoints: Vec<SocketAddr>,
+}
+
+/// Every address × port pair that parses, sorted and without duplicates.
+fn pairs<'a>(addresses: impl Iterator<Item = &'a str>, ports: &[i32]) -> BTreeSet<SocketAddr> {
+    let ips: Vec<IpAddr> = addresses.filter_map(|a| a.parse().ok()).collect();
+    ips.iter()
+        .flat_map(|ip| {
+            ports
+                .iter()
+                .filter_map(|p| u16::try_from(*p).ok())
+                .map(move |p| SocketAddr::new(*ip, p))
+        })
+        .collect()
 }
 
 impl KubeActuator {
@@ -87,6 +109,7 @@ impl KubeActuator {
             client,
             targets: RwLock::new(HashMap::new()),
             slices: AtomicU8::new(SLICES_UNKNOWN),
+            endpoints: RwLock::new(BTreeMap::new()),
         }
     }
 
@@ -100,6 +123,14 @@ impl KubeActuator {
         if let Ok(mut t) = self.targets.write() {
             t.remove(service);
         }
+        if let Ok(mut e) = self.endpoints.write() {
+            e.remove(service);
+        }
+    }
+
+    /// The endpoints last seen for each service with a target: what the agents should watch.
+    pub fn endpoints(&self) -> BTreeMap<String, Vec<SocketAddr>> {
+        self.endpoints.read().map(|e| e.clone()).unwrap_or_default()
     }
 
     fn target(&self, service: &str) -> Result<Target, ActuatorError> {
@@ -138,8 +169,8 @@ impl KubeActuator {
             .map(|_| ())
     }
 
-    /// Ready endpoints of the target's Service; `None` when the Service has no endpoints object.
-    async fn ready_endpoints(&self, t: &Target) -> Result<Option<u32>, kube::Error> {
+    /// The target's Service's endpoints; `None` when the Service has no endpoints object.
+    async fn seen(&self, t: &Target) -> Result<Option<Seen>, kube::Error> {
         if self.slices.load(Ordering::Relaxed) != SLICES_NOT_SERVED {
             let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &t.namespace);
             let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={}", t.service));
@@ -149,16 +180,22 @@ impl KubeActuator {
                     if list.items.is_empty() {
                         return Ok(None);
                     }
-                    let mut ready = std::collections::BTreeSet::new();
+                    let mut ready = BTreeSet::new();
+                    let mut all = BTreeSet::new();
                     for slice in &list.items {
+                        let ports: Vec<i32> = slice.ports.iter().flatten().filter_map(|p| p.port).collect();
                         for e in &slice.endpoints {
+                            all.extend(pairs(e.addresses.iter().map(String::as_str), &ports));
                             // An endpoint without a ready condition is ready (the API's rule).
                             if e.conditions.as_ref().and_then(|c| c.ready) != Some(false) {
                                 ready.insert(e.addresses.first().cloned().unwrap_or_default());
                             }
                         }
                     }
-                    return Ok(Some(ready.len() as u32));
+                    return Ok(Some(Seen {
+                        ready: ready.len() as u32,
+                        endpoints: all.into_iter().collect(),
+                    }));
                 }
                 Err(kube::Error::Api(s))
                     if s.is_not_found() && self.slices.load(Ordering::Relaxed) == SLICES_UNKNOWN =>
@@ -175,20 +212,34 @@ impl KubeActuator {
         let Some(ep) = api.get_opt(&t.service).await? else {
             return Ok(None);
         };
-        Ok(Some(
-            ep.subsets
-                .iter()
-                .flatten()
-                .map(|s| s.addresses.as_ref().map_or(0, Vec::len) as u32)
-                .sum(),
-        ))
+        let mut ready = 0;
+        let mut all = BTreeSet::new();
+        for subset in ep.subsets.iter().flatten() {
+            let ports: Vec<i32> = subset.ports.iter().flatten().map(|p| p.port).collect();
+            let addresses = subset.addresses.iter().flatten();
+            ready += addresses.clone().count() as u32;
+            let not_ready = subset.not_ready_addresses.iter().flatten();
+            all.extend(pairs(addresses.chain(not_ready).map(|a| a.ip.as_str()), &ports));
+        }
+        Ok(Some(Seen {
+            ready,
+            endpoints: all.into_iter().collect(),
+        }))
     }
 
     /// Ready replicas: the Service's ready endpoints, else the target's status.readyReplicas,
     /// else the `/scale` status.replicas.
-    pub async fn ready(&self, t: &Target) -> Result<u32, kube::Error> {
-        if let Some(n) = self.ready_endpoints(t).await? {
-            return Ok(n);
+    /// Records the Service's endpoints under `service`.
+    pub async fn ready(&self, service: &str, t: &Target) -> Result<u32, kube::Error> {
+        let seen = self.seen(t).await?;
+        if let Ok(mut e) = self.endpoints.write() {
+            e.insert(
+                service.into(),
+                seen.as_ref().map(|s| s.endpoints.clone()).unwrap_or_default(),
+            );
+        }
+        if let Some(s) = seen {
+            return Ok(s.ready);
         }
         let obj = self.api(t).get(&t.name).await?;
         if let Some(n) = obj.data.pointer("/status/readyReplicas").and_then(|v| v.as_u64()) {
@@ -208,7 +259,7 @@ impl Actuator for KubeActuator {
             message: e.to_string(),
         };
         let current = self.current(&t).await.map_err(read)?;
-        let ready = self.ready(&t).await.map_err(read)?;
+        let ready = self.ready(service, &t).await.map_err(read)?;
         Ok(Replicas { current, ready })
     }
 
@@ -223,5 +274,28 @@ impl Actuator for KubeActuator {
 
     fn kind(&self) -> &'static str {
         "kubernetes"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_every_address_and_port() {
+        let got = pairs(
+            ["10.0.0.2", "fd00::1", "not-an-ip"].into_iter(),
+            &[8080, 70000, 9090],
+        );
+        let want: BTreeSet<SocketAddr> = [
+            "10.0.0.2:8080",
+            "10.0.0.2:9090",
+            "[fd00::1]:8080",
+            "[fd00::1]:9090",
+        ]
+        .iter()
+        .map(|s| s.parse().expect("literal"))
+        .collect();
+        assert_eq!(got, want);
     }
 }

@@ -32,7 +32,13 @@ use super::{
     crd::{LastDecision, SurgeScaler, SurgeScalerStatus, FINALIZER},
     policy::policy_of,
 };
-use crate::{actuator::Actuator, catalog::Requests, control::ReplicaCounts, observations, state::Shared};
+use crate::{
+    actuator::Actuator,
+    catalog::{Mode, Requests, ServiceSpec},
+    control::ReplicaCounts,
+    observations,
+    state::Shared,
+};
 
 /// How the Kubernetes side runs.
 #[derive(Debug, Clone)]
@@ -81,6 +87,8 @@ struct Entry {
 
 struct Ctx {
     client: Client,
+    /// The services declared outside Kubernetes (flags, config file), kept in the catalog.
+    base: Vec<ServiceSpec>,
     shared: Arc<Shared>,
     actuator: Arc<KubeActuator>,
     options: Options,
@@ -106,6 +114,7 @@ fn now() -> String {
 /// Runs the reconciler and the control loop until `stop` turns true.
 pub async fn run(client: Client, shared: Arc<Shared>, options: Options, stop: watch::Receiver<bool>) {
     let ctx = Arc::new(Ctx {
+        base: shared.catalog.specs(),
         actuator: Arc::new(KubeActuator::new(client.clone())),
         client: client.clone(),
         shared,
@@ -388,6 +397,7 @@ fn timestamp(ctx: &Ctx) -> Timestamp {
 async fn control_loop(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(ctx.options.tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut watched = BTreeMap::new();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -399,7 +409,40 @@ async fn control_loop(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
                 tracing::warn!(scaler = %e.name, namespace = %e.namespace, error = %err, "status write failed");
             }
         }
+        drop(entries);
+        let endpoints = ctx.actuator.endpoints();
+        if endpoints != watched {
+            publish_watch_set(&ctx, &endpoints);
+            watched = endpoints;
+        }
     }
+}
+
+/// Tells the agents (through the catalog's watch set) to watch the endpoints of every scaled
+/// Service, next to the services declared outside Kubernetes. They are observed only: the
+/// SurgeScalers' own loop scales them.
+fn publish_watch_set(ctx: &Ctx, endpoints: &BTreeMap<String, Vec<std::net::SocketAddr>>) {
+    let mut specs = ctx.base.clone();
+    specs.extend(
+        endpoints
+            .iter()
+            .filter(|(name, _)| !ctx.base.iter().any(|b| &b.name == *name))
+            .map(|(name, eps)| ServiceSpec {
+                name: name.clone(),
+                endpoints: eps.clone(),
+                cgroups: Vec::new(),
+                mode: Mode::Observe,
+                policy: None,
+                startup: Duration::ZERO,
+                initial_replicas: 0,
+                requests: Requests::default(),
+            }),
+    );
+    tracing::info!(
+        services = endpoints.len(),
+        "watch set of the scaled services changed"
+    );
+    ctx.shared.catalog.replace(specs);
 }
 
 /// One evaluation of one admitted resource.
