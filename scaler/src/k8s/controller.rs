@@ -29,7 +29,7 @@ use tokio::sync::{watch, Mutex};
 use super::{
     actuator::{resolve, KubeActuator, Target, MANAGER},
     conditions::{self, rfc3339, ACTIVE, CONFLICT, FALLBACK, PAUSED, READY},
-    crd::{LastDecision, SurgeScaler, SurgeScalerStatus, FINALIZER},
+    crd::{LastDecision, ScaleTargetRef, SurgeScaler, SurgeScalerStatus, FINALIZER},
     policy::policy_of,
 };
 use crate::{
@@ -177,19 +177,24 @@ async fn reconcile(cr: Arc<SurgeScaler>, ctx: Arc<Ctx>) -> Result<Action, Error>
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
 
+/// Whether a reference names the same object as `t`: same kind and name, and the same API group
+/// (versions may differ; a reference without apiVersion, allowed in an HPA, matches any group).
+fn same_target(api_version: Option<&str>, kind: &str, name: &str, t: &ScaleTargetRef) -> bool {
+    let group = |v: &str| v.split_once('/').map_or("", |(g, _)| g).to_string();
+    kind == t.kind
+        && name == t.name
+        && api_version.is_none_or(|v| v.is_empty() || group(v) == group(&t.api_version))
+}
+
 /// Another scaler of the same target: an HPA, or an older SurgeScaler.
 async fn conflict(cr: &SurgeScaler, client: &Client) -> Result<Option<(String, String)>, kube::Error> {
     let ns = cr.namespace().unwrap_or_default();
     let t = &cr.spec.scale_target_ref;
-    let group = |api_version: &str| api_version.split_once('/').map_or("", |(g, _)| g).to_string();
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
     for hpa in hpas.list(&Default::default()).await? {
         let Some(spec) = &hpa.spec else { continue };
         let r = &spec.scale_target_ref;
-        if r.kind == t.kind
-            && r.name == t.name
-            && group(r.api_version.as_deref().unwrap_or("")) == group(&t.api_version)
-        {
+        if same_target(r.api_version.as_deref(), &r.kind, &r.name, t) {
             return Ok(Some((
                 "HorizontalPodAutoscaler".into(),
                 format!(
@@ -208,7 +213,7 @@ async fn conflict(cr: &SurgeScaler, client: &Client) -> Result<Option<(String, S
         if other.name_any() == cr.name_any() || other.metadata.deletion_timestamp.is_some() {
             continue;
         }
-        if o.kind == t.kind && o.name == t.name && group(&o.api_version) == group(&t.api_version) {
+        if same_target(Some(&o.api_version), &o.kind, &o.name, t) {
             let theirs = (other.metadata.creation_timestamp.clone(), other.name_any());
             if theirs < me {
                 return Ok(Some((
@@ -545,4 +550,24 @@ async fn tick(ctx: &Ctx, e: &mut Entry) -> Result<(), kube::Error> {
         });
     }
     publish(&ctx.client, e).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_target_compares_kind_name_and_group_not_version() {
+        let t = ScaleTargetRef {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "web".into(),
+        };
+        assert!(same_target(Some("apps/v1"), "Deployment", "web", &t));
+        assert!(same_target(Some("apps/v1beta2"), "Deployment", "web", &t));
+        assert!(same_target(None, "Deployment", "web", &t));
+        assert!(!same_target(Some("apps/v1"), "Deployment", "api", &t));
+        assert!(!same_target(Some("apps/v1"), "StatefulSet", "web", &t));
+        assert!(!same_target(Some("example.com/v1"), "Deployment", "web", &t));
+    }
 }
