@@ -13,7 +13,8 @@ use std::{
 
 use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
 use kube::{
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams},
+    core::GroupVersionKind,
     Api,
 };
 use serde_json::json;
@@ -275,4 +276,77 @@ async fn paused_replicas_hold_and_delete_restores_the_original_count() {
         matches!(scalers.get_opt("web").await, Ok(None))
     })
     .await;
+}
+
+/// The manifests under deploy/ are accepted by a real API server (server-side dry run, after the
+/// namespace and the CRD they need), and the example SurgeScalers are valid for the scaler too.
+/// (No container engine or kubelet runs here: the images are never built or started.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifests_and_examples_are_accepted_by_the_api_server() {
+    let env = Env::new("surge-manifests", Flavor::Endpoints).await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files: Vec<_> = ["namespace", "rbac", "configmap", "scaler", "agent"]
+        .iter()
+        .map(|f| root.join(format!("deploy/kubernetes/{f}.yaml")))
+        .collect();
+    for e in std::fs::read_dir(root.join("deploy/examples/kubernetes")).expect("examples") {
+        files.push(e.expect("entry").path());
+    }
+    let mut seen = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("manifest");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(doc).expect("YAML");
+            if value.is_null() {
+                continue;
+            }
+            let obj: DynamicObject = serde_json::from_value(value.clone()).expect("an object");
+            let types = obj.types.clone().expect("apiVersion and kind");
+            let (group, version) = types
+                .api_version
+                .split_once('/')
+                .unwrap_or(("", &types.api_version));
+            let gvk = GroupVersionKind::gvk(group, version, &types.kind);
+            let (ar, caps) = kube::discovery::pinned_kind(&env.client, &gvk)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {gvk:?} is not served: {e}", file.display()));
+            let api: Api<DynamicObject> = if caps.scope == kube::discovery::Scope::Namespaced {
+                let ns = obj.metadata.namespace.clone().unwrap_or_else(|| env.ns.clone());
+                Api::namespaced_with(env.client.clone(), &ns, &ar)
+            } else {
+                Api::all_with(env.client.clone(), &ar)
+            };
+            // The namespace for real (the others need it); everything else as a dry run.
+            let pp = if types.kind == "Namespace" {
+                PostParams::default()
+            } else {
+                PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                }
+            };
+            match api.create(&pp, &obj).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => panic!(
+                    "{}: {} {:?} rejected: {e}",
+                    file.display(),
+                    types.kind,
+                    obj.metadata.name
+                ),
+            }
+            if types.kind == "SurgeScaler" {
+                // The scaler's check: the policy as a policy file, with the annotations.
+                let text = json!({
+                    "metadata": {"name": obj.metadata.name, "annotations": obj.metadata.annotations.unwrap_or_default()},
+                    "policy": value["spec"]["policy"],
+                })
+                .to_string();
+                surge_policy::parse_policy(&text, &Default::default(), "example")
+                    .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 12, "only {seen} objects");
 }
