@@ -18,6 +18,8 @@ APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   protobuf-compiler pkg-config build-essential
   iproute2 curl wrk haproxy prometheus
+  # A real Kubernetes API server for the tests, built from Debian's source (deploy/kube-test/cluster.sh).
+  golang-go etcd-server dpkg-dev make openssl ca-certificates golang-github-modern-go-reflect2-dev
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -30,6 +32,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Debian's prometheus package starts a system service; the tests run their own servers.
   if command -v systemctl >/dev/null 2>&1; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+  # Likewise etcd-server's service: the Kubernetes tests start their own etcd on free ports.
+  if command -v systemctl >/dev/null 2>&1; then systemctl disable --now etcd >/dev/null 2>&1 || true; fi
   pkill -x prometheus 2>/dev/null || true
 fi
 

@@ -11,6 +11,8 @@ fi
 ./deploy/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
+echo "== kubernetes test control plane (built once per Debian version, then cached)"
+./deploy/kube-test/cluster.sh build
 echo "== format"
 cargo fmt --all -- --check
 echo "== build (release, once for all tests)"

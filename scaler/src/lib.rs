@@ -9,6 +9,7 @@ pub mod feed;
 pub mod grpc;
 pub mod http;
 pub mod ingest;
+pub mod k8s;
 pub mod keda;
 pub mod latency;
 pub mod local;

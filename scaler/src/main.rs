@@ -107,6 +107,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let prometheus = sources::Settings::from_env(&ProcessEnv, env.metric_provider, env.prometheus_endpoint)?;
     let local = Arc::new(LocalActuator::start(Arc::clone(&shared), local_specs, &initial));
+    let kubernetes = surge_scaler::k8s::spawn_from_env(
+        |k| std::env::var(k).ok(),
+        Arc::clone(&shared),
+        env.defaults.clone(),
+        tick,
+        stop_rx.clone(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     let controller = Controller::new(Arc::clone(&shared), PolicyDir::new(policy_dir), env.defaults)
         .with_sources(MetricSources::start(prometheus).await?)
         .with_local(local.clone());
@@ -123,6 +132,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = grpc.await;
         let _ = web.await;
         let _ = control.await;
+        if let Some(k) = kubernetes {
+            let _ = k.await;
+        }
     })
     .await;
     Ok(())

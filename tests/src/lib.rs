@@ -2,4 +2,5 @@
 
 pub mod harness;
 pub mod http_client;
+pub mod kube_env;
 pub mod load;
