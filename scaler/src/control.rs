@@ -32,6 +32,8 @@ pub struct ControlStatus {
     pub replicas: Option<ReplicaCounts>,
     /// The newest decision first.
     pub decisions: VecDeque<Decision>,
+    /// Decisions ever taken, by mode (stable, panic, activating, idle, fallback, paused).
+    pub decisions_by_mode: BTreeMap<String, u64>,
     /// Why the service is not being controlled right now, if it is not.
     pub error: Option<String>,
     /// Metric sources (Prometheus queries) of its policy that are failing, one line each.
@@ -45,11 +47,20 @@ pub struct ReplicaCounts {
     pub ready: u32,
 }
 
-/// The control status of every service, shared with the HTTP side.
+/// The control status of every service, shared with the HTTP side, and how long the last tick
+/// took (microseconds on the injected clock).
 #[derive(Default)]
-pub struct StatusBoard(Mutex<BTreeMap<String, ControlStatus>>);
+pub struct StatusBoard(
+    Mutex<BTreeMap<String, ControlStatus>>,
+    std::sync::atomic::AtomicU64,
+);
 
 impl StatusBoard {
+    /// Seconds the last evaluation of every service took.
+    pub fn last_tick_seconds(&self) -> f64 {
+        self.1.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+    }
+
     pub fn get(&self, service: &str) -> Option<ControlStatus> {
         self.lock().get(service).cloned()
     }
@@ -240,6 +251,11 @@ impl Controller {
                     ready: replicas.ready,
                 });
                 s.error = error;
+                let mode = serde_json::to_value(decision.mode)
+                    .ok()
+                    .and_then(|m| m.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                *s.decisions_by_mode.entry(mode).or_default() += 1;
                 s.decisions.push_front(decision);
                 s.decisions.truncate(HISTORY);
             });
@@ -261,7 +277,13 @@ impl Controller {
                 self.reload_policies().await;
             }
             n += 1;
+            let started = self.shared.clock.now();
             self.tick().await;
+            let took = self.shared.clock.now().saturating_sub(started);
+            self.shared
+                .control
+                .1
+                .store(took.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
     registry::Registry,
 };
@@ -31,14 +31,12 @@ impl std::fmt::Debug for SharedRef {
     }
 }
 
-type Labels = [(&'static str, String); 1];
-
-fn family<M: EncodeMetric>(
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     kind: MetricType,
-    rows: impl Iterator<Item = (Labels, M)>,
+    rows: impl Iterator<Item = (L, M)>,
 ) -> Result<(), std::fmt::Error> {
     let mut fam = enc.encode_descriptor(name, help, None, kind)?;
     for (labels, metric) in rows {
@@ -213,9 +211,60 @@ impl Collector for ServiceCollector {
             all.iter()
                 .map(|v| (svc(&v.name), ConstCounter::new(v.figures.tls_connections_total))),
         )?;
-        // TODO(issue 7): held connections per service (surge_service_held_connections) once the
-        // holder exists; replicas (surge_service_replicas{state="desired|current|ready"}) and decisions
-        // (surge_scaling_decisions_total{mode, reason}) once the policy engine and actuators exist.
+        family(
+            &mut enc,
+            "surge_service_held_connections",
+            "Connections the agents hold now because the service has no ready replica.",
+            MetricType::Gauge,
+            all.iter()
+                .map(|v| (svc(&v.name), ConstGauge::new(v.figures.held_connections as i64))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_held_connections_seen",
+            "Connections ever held by the agents' current instances.",
+            MetricType::Counter,
+            all.iter()
+                .map(|v| (svc(&v.name), ConstCounter::new(v.figures.held_total))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_hold_timeouts",
+            "Held connections that timed out (503 with Retry-After, or closed).",
+            MetricType::Counter,
+            all.iter()
+                .map(|v| (svc(&v.name), ConstCounter::new(v.figures.hold_timeouts))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_replicas",
+            "Replicas by state: desired (the last decision), current (asked for), ready.",
+            MetricType::Gauge,
+            all.iter()
+                .filter_map(|v| v.replicas.map(|r| (v, r)))
+                .flat_map(|(v, r)| {
+                    [("desired", r.desired), ("current", r.current), ("ready", r.ready)].map(|(state, n)| {
+                        (
+                            [("service", v.name.clone()), ("state", state.to_string())],
+                            ConstGauge::new(n as i64),
+                        )
+                    })
+                }),
+        )?;
+        family(
+            &mut enc,
+            "surge_scaling_decisions",
+            "Scaling decisions taken, by mode (stable, panic, activating, idle, fallback, paused).",
+            MetricType::Counter,
+            all.iter().flat_map(|v| {
+                v.decisions_by_mode.iter().map(|(mode, n)| {
+                    (
+                        [("service", v.name.clone()), ("mode", mode.clone())],
+                        ConstCounter::new(*n),
+                    )
+                })
+            }),
+        )?;
         let node = |name: &str| [("node", name.to_string())];
         family(
             &mut enc,
@@ -257,7 +306,12 @@ impl Collector for ServiceCollector {
             None,
             MetricType::Gauge,
         )?)?;
-        // TODO(issue 7): surge_scaler_tick_duration_seconds once the policy engine ticks.
+        ConstGauge::new(self.shared.0.control.last_tick_seconds()).encode(enc.encode_descriptor(
+            "surge_scaler_tick_duration_seconds",
+            "How long the last evaluation of every service's policy took.",
+            None,
+            MetricType::Gauge,
+        )?)?;
         Ok(())
     }
 }

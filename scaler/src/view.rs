@@ -33,6 +33,8 @@ pub struct ServiceView {
     pub last_decision: Option<Decision>,
     /// Why the service is not being controlled right now, if it is not.
     pub control_error: Option<String>,
+    /// Decisions ever taken, by mode.
+    pub decisions_by_mode: std::collections::BTreeMap<String, u64>,
     /// Metric sources (Prometheus queries) of its policy that are failing, one line each.
     pub source_errors: Vec<String>,
 }
@@ -68,6 +70,7 @@ fn view(
         replicas: control.replicas,
         last_decision: control.decisions.front().cloned(),
         control_error: control.error,
+        decisions_by_mode: control.decisions_by_mode,
         source_errors: control.source_errors,
     }
 }

@@ -116,3 +116,41 @@ fn resources_are_exposed_and_tls_only_services_have_no_request_series() {
     assert!(idle["request_rate"].is_null(), "{idle}");
     assert_eq!(json["services"][0]["requests_total"], 5);
 }
+
+#[test]
+fn replicas_decisions_and_held_connections_are_exposed() {
+    let s = shared();
+    let mut r = report(5);
+    r.services[0].held_now = 3;
+    r.services[0].held_total = 9;
+    r.services[0].hold_timeouts = 1;
+    s.ingest().connected("n1", 1, Duration::from_secs(1));
+    s.ingest().record("n1", 1, &r, Duration::from_secs(1));
+    s.control.update("web", |c| {
+        c.replicas = Some(crate::control::ReplicaCounts {
+            desired: 4,
+            current: 2,
+            ready: 1,
+        });
+        c.decisions_by_mode.insert("panic".into(), 7);
+        c.decisions_by_mode.insert("stable".into(), 2);
+    });
+    let text = encode(&registry(Arc::clone(&s))).expect("encodes");
+    for line in [
+        "surge_service_held_connections{service=\"web\"} 3",
+        "surge_service_held_connections_seen_total{service=\"web\"} 9",
+        "surge_service_hold_timeouts_total{service=\"web\"} 1",
+        "surge_service_replicas{service=\"web\",state=\"desired\"} 4",
+        "surge_service_replicas{service=\"web\",state=\"current\"} 2",
+        "surge_service_replicas{service=\"web\",state=\"ready\"} 1",
+        "surge_scaling_decisions_total{service=\"web\",mode=\"panic\"} 7",
+        "surge_scaling_decisions_total{service=\"web\",mode=\"stable\"} 2",
+        "# TYPE surge_scaler_tick_duration_seconds gauge",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+    }
+    assert!(
+        !text.contains("surge_service_replicas{service=\"idle\""),
+        "no replicas without a policy"
+    );
+}
