@@ -52,21 +52,24 @@ print("%s %s|replicas %2s/%-2s  rps %6.0f  concurrency %5.1f  mode %-10s %s" % (
 ' 2>/dev/null || echo "- -|(scaler not answering)"
 }
 
+# The service starts at zero: wait until the agent has reported it to the scaler.
+reported() { curl -s "http://$API/api/v1/services/web" | python3 -c "import json,sys; print(json.load(sys.stdin)['reported'])" 2>/dev/null; }
 for _ in $(seq 1 100); do
-  ready=$(status | cut -d' ' -f2 | cut -d'|' -f1)
-  [ "$ready" != "-" ] && [ "${ready:-0}" -ge 1 ] 2>/dev/null && break
+  [ "$(reported)" = "True" ] && break
   sleep 0.2
 done
-[ "${ready:-0}" -ge 1 ] 2>/dev/null || {
-  echo "demo: the first replica never became ready; logs in $LOGS" >&2; tail -5 "$LOGS"/*.log >&2; exit 1; }
+[ "$(reported)" = "True" ] || {
+  echo "demo: the agent never reported; logs in $LOGS" >&2; tail -n 5 "$LOGS"/*.log >&2; exit 1; }
 
 echo
-echo "demo: clients connect to $SERVICE; the kernel sends each connection to a ready replica."
+echo "demo: the service starts with no replica. Clients connect to $SERVICE: while no replica is"
+echo "      ready the agent holds their connections (and asks for one at once); then the kernel"
+echo "      sends each connection to a ready replica directly."
 echo "      Policy: $DEMO/policies/demo.yaml (2 requests in flight per replica, 1 to 6 replicas)."
 echo
 printf '%-6s %-10s %-5s %s\n' "time" "phase" "load" "replicas desired/ready, measured in the kernel, last decision"
 # name, closed-loop clients (each with a 50 ms request in flight), seconds
-phases=("idle 0 8" "warm-up 1 12" "ramp 3 12" "ramp 6 12" "burst 12 25" "cool-down 3 12" "trickle 1 10" "idle 0 25")
+phases=("idle 0 6" "warm-up 1 12" "ramp 3 10" "ramp 6 10" "burst 12 22" "cool-down 3 10" "trickle 1 8" "idle 0 40")
 start=$(date +%s); peak=0; n=0
 for p in "${phases[@]}"; do
   read -r name workers secs <<<"$p"
