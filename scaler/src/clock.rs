@@ -5,6 +5,14 @@ use std::time::{Duration, Instant};
 pub trait Clock: Send + Sync + 'static {
     /// Time since an arbitrary fixed origin; only differences mean anything.
     fn now(&self) -> Duration;
+
+    /// Wall-clock Unix time in milliseconds: only to compare with agents' report stamps.
+    fn unix_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
 }
 
 /// The machine's monotonic clock, measured from when this value was made.

@@ -75,7 +75,13 @@ impl AgentLink for AgentLinkService {
                     msg = inbound.message() => match msg {
                         Ok(Some(AgentMessage { body: Some(agent_message::Body::Report(r)) })) => {
                             let now = shared.clock.now();
-                            shared.ingest().record(&node, instance, &r, now);
+                            let lag_ms = (shared.clock.unix_ms() - r.unix_ms).max(0) as u64;
+                            let mut ingest = shared.ingest();
+                            ingest.record(&node, instance, &r, now);
+                            if r.unix_ms > 0 {
+                                ingest.report_lag(&node, std::time::Duration::from_millis(lag_ms));
+                            }
+                            drop(ingest);
                             shared.local.record(&node, &r.balancers, now);
                             shared.feed.publish(now);
                         }

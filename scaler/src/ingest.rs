@@ -151,6 +151,9 @@ pub struct NodeStatus {
     pub connected: bool,
     pub reports: u64,
     pub last_report_age_seconds: f64,
+    /// From the agent reading its counters to the scaler receiving them (wall clocks; clock
+    /// skew between the machines adds to it).
+    pub report_lag_seconds: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +162,7 @@ struct NodeState {
     connected: bool,
     reports: u64,
     last_report: Duration,
+    report_lag: Duration,
 }
 
 /// The merged view of one service at `now`.
@@ -231,6 +235,7 @@ impl Ingest {
             connected: true,
             reports: 0,
             last_report: now,
+            report_lag: Duration::ZERO,
         });
         state.instance = instance;
         state.connected = true;
@@ -245,6 +250,13 @@ impl Ingest {
         }
     }
 
+    /// How late `node`'s last report arrived.
+    pub fn report_lag(&mut self, node: &str, lag: Duration) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.report_lag = lag;
+        }
+    }
+
     /// Records one report of `node`'s agent instance `instance`, received at `now`.
     pub fn record(&mut self, node: &str, instance: u64, report: &Report, now: Duration) {
         let state = self.nodes.entry(node.to_string()).or_insert(NodeState {
@@ -252,6 +264,7 @@ impl Ingest {
             connected: true,
             reports: 0,
             last_report: now,
+            report_lag: Duration::ZERO,
         });
         state.instance = instance;
         state.reports += 1;
@@ -362,6 +375,7 @@ impl Ingest {
                 connected: n.connected,
                 reports: n.reports,
                 last_report_age_seconds: now.saturating_sub(n.last_report).as_secs_f64(),
+                report_lag_seconds: n.report_lag.as_secs_f64(),
             })
             .collect()
     }

@@ -286,6 +286,15 @@ impl Collector for ServiceCollector {
         )?;
         family(
             &mut enc,
+            "surge_agent_report_lag_seconds",
+            "From the agent reading its counters to the scaler receiving them, for the last report.",
+            MetricType::Gauge,
+            snap.nodes
+                .iter()
+                .map(|n| (node(&n.node), ConstGauge::new(n.report_lag_seconds))),
+        )?;
+        family(
+            &mut enc,
             "surge_agent_reports",
             "Reports received from the node's agent.",
             MetricType::Counter,

@@ -161,3 +161,15 @@ fn tls_without_requests_makes_requests_unavailable() {
     i.record("n1", 1, &resources(11, 0.0, 0, 4, 0, 3, 1), secs(1));
     assert!(i.figures("web", secs(1)).expect("reported").requests_available);
 }
+
+#[test]
+fn report_lag_is_kept_per_node() {
+    let mut i = Ingest::new(secs(10));
+    i.connected("n1", 1, secs(0));
+    i.record("n1", 1, &report(10, &[("web", 1, 0.0)]), secs(0));
+    i.report_lag("n1", Duration::from_millis(250));
+    i.report_lag("nobody", Duration::from_millis(999));
+    let nodes = i.nodes(secs(1));
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].report_lag_seconds, 0.25);
+}

@@ -56,6 +56,7 @@ fn every_family_is_exposed_with_exact_values() {
         "surge_agent_connected{node=\"n1\"} 1",
         "surge_agent_report_age_seconds{node=\"n1\"} 2.0",
         "surge_agent_reports_total{node=\"n1\"} 1",
+        "surge_agent_report_lag_seconds{node=\"n1\"} 0.0",
         "surge_agents_connected 1",
         "surge_consumer_streams 1",
         "# EOF",
