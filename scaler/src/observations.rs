@@ -19,8 +19,74 @@ pub fn samples(figures: Option<&ServiceFigures>, requests: &Requests, ready: u32
         out.push((Metric::LatencyP90, Sample::Value(p.p90_ms)));
         out.push((Metric::LatencyP99, Sample::Value(p.p99_ms)));
     }
-    // CPU and memory utilization (Metric::Cpu / Metric::Memory) join here once ingest merges
-    // the agents' cpu_seconds and memory_bytes; `requests` and `ready` are their denominators.
-    let _ = (requests, ready);
+    // Utilization, as the HPA defines it: percent of what the ready replicas asked for. Without a
+    // request per replica (cpu_request / memory_request) there is no utilization to report.
+    if ready > 0 {
+        if let Some(cores) = requests.cpu_cores {
+            out.push((
+                Metric::Cpu,
+                Sample::Value(100.0 * f.cpu_cores / (cores * ready as f64)),
+            ));
+        }
+        if let Some(bytes) = requests.memory_bytes {
+            let used = f.memory_bytes as f64;
+            out.push((
+                Metric::Memory,
+                Sample::Value(100.0 * used / (bytes as f64 * ready as f64)),
+            ));
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(samples: &[(Metric, Sample)], m: Metric) -> Option<f64> {
+        samples.iter().find(|(k, _)| *k == m).and_then(|(_, s)| match s {
+            Sample::Value(v) => Some(*v),
+            Sample::Failed => None,
+        })
+    }
+
+    #[test]
+    fn utilization_is_a_percentage_of_what_ready_replicas_asked_for() {
+        let f = ServiceFigures {
+            cpu_cores: 0.9,
+            memory_bytes: 600 << 20,
+            ..Default::default()
+        };
+        let req = Requests {
+            cpu_cores: Some(0.5),
+            memory_bytes: Some(512 << 20),
+        };
+        let s = samples(Some(&f), &req, 3);
+        assert_eq!(value(&s, Metric::Cpu), Some(60.0));
+        assert_eq!(
+            value(&s, Metric::Memory).map(|v| (v * 1000.0).round() / 1000.0),
+            Some(39.063)
+        );
+    }
+
+    #[test]
+    fn no_request_or_no_ready_replica_means_no_utilization() {
+        let f = ServiceFigures {
+            cpu_cores: 0.9,
+            ..Default::default()
+        };
+        assert_eq!(
+            value(&samples(Some(&f), &Requests::default(), 3), Metric::Cpu),
+            None
+        );
+        let req = Requests {
+            cpu_cores: Some(0.5),
+            memory_bytes: None,
+        };
+        assert_eq!(value(&samples(Some(&f), &req, 0), Metric::Cpu), None);
+        assert!(
+            samples(None, &req, 3).is_empty(),
+            "no report yet: no samples at all"
+        );
+    }
 }
