@@ -17,7 +17,7 @@ use surge_common::{
 
 use crate::{
     counters,
-    maps::{counters_of, port_watched, service_of, FrameScratch, CONNS, FRAMING},
+    maps::{counters_of, port_watched, service_of, FrameScratch, CONNS, FRAMING, FRESH_CONN},
     packet::{Direction, Segment},
 };
 
@@ -65,13 +65,12 @@ fn conn_state(seg: &Segment, service_id: u32) -> Option<&'static mut ConnState> 
         // SAFETY: a pointer into the map's value for this connection.
         return Some(unsafe { &mut *p });
     }
-    let fresh = ConnState {
-        service_id,
-        ..ConnState::default()
-    };
-    CONNS.insert(&seg.conn, &fresh, 0).ok()?;
+    let fresh = FRESH_CONN.get(0)?;
+    CONNS.insert(&seg.conn, fresh, 0).ok()?;
     // SAFETY: as above.
-    CONNS.get_ptr_mut(&seg.conn).map(|p| unsafe { &mut *p })
+    let state = CONNS.get_ptr_mut(&seg.conn).map(|p| unsafe { &mut *p })?;
+    state.service_id = service_id;
+    Some(state)
 }
 
 /// Frames a payload and accounts the messages that started in it.

@@ -2,7 +2,7 @@
 //! - `cgroup_skb` ingress/egress on the cgroup v2 root see every TCP segment of watched server
 //!   endpoints: requests arriving, responses leaving, bytes, TLS (http1.rs);
 //! - `sock_ops` sees connections of those endpoints open and close (connections.rs);
-//! - the `sched_switch` tracepoint charges CPU time to watched cgroups (cpu.rs);
+//! - the `sched_switch` raw tracepoint charges CPU time to watched cgroups (cpu.rs);
 //! - `cgroup_sock_addr` connect4/connect6 balance connections to service addresses over ready
 //!   replicas (balance.rs).
 //!
@@ -21,8 +21,8 @@ mod maps;
 mod packet;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock_addr, sock_ops, tracepoint},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext, TracePointContext},
+    macros::{cgroup_skb, cgroup_sock_addr, raw_tracepoint, sock_ops},
+    programs::{RawTracePointContext, SkBuffContext, SockAddrContext, SockOpsContext},
 };
 
 use crate::packet::Direction;
@@ -61,8 +61,10 @@ pub fn surge_connect6(ctx: SockAddrContext) -> i32 {
     1
 }
 
-#[tracepoint]
-pub fn surge_sched_switch(_ctx: TracePointContext) -> u32 {
+/// A raw tracepoint: the program gets the tracepoint's arguments as they are, without the
+/// formatted trace record a classic tracepoint program pays for on every switch.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn surge_sched_switch(_ctx: RawTracePointContext) -> i32 {
     let _ = cpu::on_switch();
     0
 }

@@ -40,6 +40,11 @@ pub static COUNTERS: PerCpuArray<ServiceCounters> = PerCpuArray::with_max_entrie
 #[map(name = "CONNS")]
 pub static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
 
+/// One all-zero connection state, never written: new CONNS entries are copied from it rather
+/// than from a value built on the stack, which the verifier's 512-byte limit makes scarce.
+#[map(name = "FRESH_CONN")]
+pub static FRESH_CONN: Array<ConnState> = Array::with_max_entries(1, 0);
+
 /// When this CPU last switched tasks (bpf_ktime_get_ns).
 #[map(name = "LAST_SWITCH")]
 pub static LAST_SWITCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

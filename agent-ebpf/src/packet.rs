@@ -32,29 +32,30 @@ const SKIP: i64 = -1;
 impl Segment {
     #[inline(always)]
     pub fn parse(ctx: &SkBuffContext, dir: Direction) -> Result<Self, i64> {
-        let first: u8 = ctx.load(0).map_err(|e| e as i64)?;
+        // One load per header (the helper call is the expensive part): the IPv4 header's fixed
+        // 20 bytes (the IPv6 header's first 20, then its addresses), then the TCP header's first 14.
+        let mut v4 = [0u8; 20];
+        load_into(ctx, 0, &mut v4)?;
+        let first = v4[0];
         let mut src = [0u8; 16];
         let mut dst = [0u8; 16];
         let l4 = match first >> 4 {
             4 => {
-                let proto: u8 = ctx.load(9).map_err(|e| e as i64)?;
-                if proto != IPPROTO_TCP {
+                let ip = &v4;
+                if ip[9] != IPPROTO_TCP {
                     return Err(SKIP);
                 }
                 // Fragment offset or more-fragments set: not the first fragment of a segment.
-                let frag: u16 = u16::from_be(ctx.load(6).map_err(|e| e as i64)?);
+                let frag = u16::from_be_bytes([ip[6], ip[7]]);
                 if frag & 0x3fff != 0 {
                     return Err(SKIP);
                 }
-                let s: [u8; 4] = ctx.load(12).map_err(|e| e as i64)?;
-                let d: [u8; 4] = ctx.load(16).map_err(|e| e as i64)?;
-                v4_mapped(&mut src, s);
-                v4_mapped(&mut dst, d);
+                v4_mapped(&mut src, [ip[12], ip[13], ip[14], ip[15]]);
+                v4_mapped(&mut dst, [ip[16], ip[17], ip[18], ip[19]]);
                 ((first & 0x0f) as usize) * 4
             }
             6 => {
-                let next: u8 = ctx.load(6).map_err(|e| e as i64)?;
-                if next != IPPROTO_TCP {
+                if v4[6] != IPPROTO_TCP {
                     return Err(SKIP);
                 }
                 src = ctx.load(8).map_err(|e| e as i64)?;
@@ -66,13 +67,13 @@ impl Segment {
         if !(20..=60).contains(&l4) {
             return Err(SKIP);
         }
-        let ports: [u8; 4] = ctx.load(l4).map_err(|e| e as i64)?;
-        let sport = u16::from_be_bytes([ports[0], ports[1]]);
-        let dport = u16::from_be_bytes([ports[2], ports[3]]);
-        let seq = u32::from_be(ctx.load(l4 + 4).map_err(|e| e as i64)?);
-        let off_flags: [u8; 2] = ctx.load(l4 + 12).map_err(|e| e as i64)?;
-        let tcp_len = ((off_flags[0] >> 4) as usize) * 4;
-        let flags = off_flags[1];
+        let mut tcp = [0u8; 14];
+        load_into(ctx, l4, &mut tcp)?;
+        let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+        let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let tcp_len = ((tcp[12] >> 4) as usize) * 4;
+        let flags = tcp[13];
         let payload_offset = l4 + tcp_len;
         let total = ctx.len() as usize;
         let payload_len = total.saturating_sub(payload_offset);
@@ -98,6 +99,26 @@ impl Segment {
             fin: flags & TCP_FIN != 0,
             rst: flags & TCP_RST != 0,
         })
+    }
+}
+
+/// Copies `N` bytes at `offset` of the packet straight into `buf` (no temporary on the stack,
+/// which the verifier's 512-byte limit makes scarce).
+#[inline(always)]
+fn load_into<const N: usize>(ctx: &SkBuffContext, offset: usize, buf: &mut [u8; N]) -> Result<(), i64> {
+    // SAFETY: the helper writes at most N bytes into `buf` and checks the packet's bounds.
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb as *const core::ffi::c_void,
+            offset as u32,
+            buf.as_mut_ptr() as *mut core::ffi::c_void,
+            N as u32,
+        )
+    };
+    if ret < 0 {
+        Err(ret)
+    } else {
+        Ok(())
     }
 }
 

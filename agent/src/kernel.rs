@@ -6,7 +6,7 @@ use std::{fs::File, path::Path};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, TracePoint},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, RawTracePoint, SockOps},
     Btf, Ebpf, EbpfLoader,
 };
 use surge_common::{EndpointKey, ServiceCounters};
@@ -86,9 +86,9 @@ impl KernelProbe {
             .map_err(|source| KernelError::Program { name, source })?;
         let balancer = crate::backends::Balancer::attach(&mut ebpf, &cgroup)?;
         let name = "surge_sched_switch";
-        let switch: &mut TracePoint = loaded(&mut ebpf, name)?;
+        let switch: &mut RawTracePoint = loaded(&mut ebpf, name)?;
         switch
-            .attach("sched", "sched_switch")
+            .attach("sched_switch")
             .map_err(|source| KernelError::Program { name, source })?;
 
         let watched = take_map(&mut ebpf, "WATCHED")?;
@@ -238,7 +238,7 @@ macro_rules! program_load {
         }
     )*};
 }
-program_load!(CgroupSkb, CgroupSockAddr, SockOps, TracePoint);
+program_load!(CgroupSkb, CgroupSockAddr, SockOps, RawTracePoint);
 
 pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where

@@ -2,5 +2,6 @@
 
 pub mod harness;
 pub mod http_client;
+pub mod kernel_cost;
 pub mod kube_env;
 pub mod load;

@@ -429,19 +429,7 @@ impl Framer {
                     self.phase = HDR_START;
                 }
             }
-            CL_VALUE => {
-                if b.is_ascii_digit() {
-                    self.remaining = self.remaining * 10 + (b - b'0') as u64;
-                    if self.remaining > MAX_BODY {
-                        self.lose();
-                    }
-                } else if b == b'\n' {
-                    self.phase = HDR_START;
-                } else if b != b' ' && b != b'\t' && b != b'\r' {
-                    // "Content-Length: 5, 5" and the like: not framed.
-                    self.lose();
-                }
-            }
+            CL_VALUE => self.content_length_byte(b),
             TE_VALUE => {
                 if b == b'\n' {
                     self.phase = HDR_START;
@@ -524,6 +512,84 @@ impl Framer {
             // on); LOST stays.
             _ => {}
         }
+    }
+
+    /// One byte of a `Content-Length` value.
+    #[inline(always)]
+    fn content_length_byte(&mut self, b: u8) {
+        if b.is_ascii_digit() {
+            self.remaining = self.remaining * 10 + (b - b'0') as u64;
+            if self.remaining > MAX_BODY {
+                self.lose();
+            }
+        } else if b == b'\n' {
+            self.phase = HDR_START;
+        } else if b != b' ' && b != b'\t' && b != b'\r' {
+            // "Content-Length: 5, 5" and the like: not framed.
+            self.lose();
+        }
+    }
+
+    /// At the start of a header line, with a whole chunk loaded from its first byte (not `\r`
+    /// or `\n`): matches the name against `Content-Length:` and `Transfer-Encoding:` at once,
+    /// to the state [`Framer::step`] would reach byte by byte. Returns how many bytes it
+    /// consumed: none for any other name, whose line is then skipped to its end (a `\n` inside
+    /// the name ends the line either way).
+    #[inline(always)]
+    pub fn take_header_name(&mut self, buf: &[u8; CHUNK]) -> usize {
+        let mut content_length = true;
+        let mut transfer_encoding = true;
+        let mut k = 0;
+        while k < CHUNK {
+            let c = lower(buf[k]);
+            if k < CONTENT_LENGTH.len() && c != CONTENT_LENGTH[k] {
+                content_length = false;
+            }
+            if c != TRANSFER_ENCODING[k] {
+                transfer_encoding = false;
+            }
+            k += 1;
+        }
+        if content_length {
+            if self.flags & F_HAS_CL != 0 {
+                // A second Content-Length: not framed.
+                self.lose();
+                return CONTENT_LENGTH.len();
+            }
+            self.pos = CONTENT_LENGTH.len() as u8;
+            self.cand = 1;
+            self.flags |= F_HAS_CL;
+            self.remaining = 0;
+            self.phase = CL_VALUE;
+            CONTENT_LENGTH.len()
+        } else if transfer_encoding {
+            // "g:" is left to the byte-by-byte match.
+            self.pos = CHUNK as u8;
+            self.cand = 2;
+            self.phase = HDR_NAME;
+            CHUNK
+        } else {
+            self.pos = 0;
+            self.cand = 0;
+            self.phase = HDR_SKIP;
+            0
+        }
+    }
+
+    /// In a `Content-Length` value: frames `buf[from..n]` at once, byte by byte as
+    /// [`Framer::step`] would, up to the end of the line. Returns how many bytes it consumed.
+    #[inline(always)]
+    pub fn take_content_length(&mut self, buf: &[u8; CHUNK], from: usize, n: usize) -> usize {
+        let mut used = 0;
+        let mut j = 0;
+        while j < CHUNK {
+            if j >= from && j < n && self.phase == CL_VALUE {
+                self.content_length_byte(buf[j]);
+                used += 1;
+            }
+            j += 1;
+        }
+        used
     }
 
     #[inline(always)]
@@ -731,8 +797,21 @@ impl Cursor {
                 let used = f.take_head(&self.buf, side, starts);
                 return self.advance(used as u32);
             }
+        } else if f.phase == HDR_START && self.end - self.off >= CHUNK as u32 {
+            // A header line starts here: load a chunk from it and match its name at once.
+            if (self.pos != 0 || self.len != CHUNK as u32) && !self.reload(f, load) {
+                return false;
+            }
+            if self.buf[0] != b'\r' && self.buf[0] != b'\n' {
+                let used = f.take_header_name(&self.buf);
+                return self.advance(used as u32);
+            }
         } else if self.pos >= self.len && !self.reload(f, load) {
             return false;
+        }
+        if f.phase == CL_VALUE {
+            let used = f.take_content_length(&self.buf, self.pos as usize, self.len as usize);
+            return self.advance(used as u32);
         }
         if f.waiting_for_lf() {
             let lf = find_lf(&self.buf, self.pos as usize, self.len as usize) as u32;

@@ -18,7 +18,10 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use surge_tests::harness::{bin, free_port, require_root, scratch, wait_listening, Proc, Sample, Scaler};
+use surge_tests::{
+    harness::{bin, free_port, require_root, scratch, wait_listening, Proc, Sample, Scaler},
+    kernel_cost::{self, ProgramCost},
+};
 
 #[derive(Parser, Clone)]
 struct Args {
@@ -146,10 +149,19 @@ struct AgentRun {
     cpu_seconds: f64,
     peak_rss: u64,
     counted: u64,
+    /// With `measure_kernel`: what each kernel program cost during the wrk run.
+    kernel: Vec<ProgramCost>,
 }
 
-fn with_agent(args: &Args, dir: &Path, scaler: &Scaler, web: SocketAddr) -> anyhow::Result<AgentRun> {
+fn with_agent(
+    args: &Args,
+    dir: &Path,
+    scaler: &Scaler,
+    web: SocketAddr,
+    measure_kernel: bool,
+) -> anyhow::Result<AgentRun> {
     let before = scaler.service("web")["requests_total"].as_u64().unwrap_or(0);
+    let programs_before = kernel_cost::program_ids();
     let agent = Proc::spawn(
         &format!("agent-{}", free_port()),
         &bin("surge-agent"),
@@ -164,9 +176,17 @@ fn with_agent(args: &Args, dir: &Path, scaler: &Scaler, web: SocketAddr) -> anyh
     let pid = agent.pid().context("agent pid")?;
     // The agent is watching once it has reported twice.
     scaler.wait_reports(2);
+    let stats = if measure_kernel {
+        Some(kernel_cost::stats_on()?)
+    } else {
+        None
+    };
+    let k0 = kernel_cost::surge_programs_since(&programs_before);
     let cpu0 = cpu_seconds(pid);
     let wrk = run_wrk(args, web)?;
     let cpu1 = cpu_seconds(pid);
+    let kernel = kernel_cost::delta(&k0, &kernel_cost::surge_programs_since(&programs_before));
+    drop(stats);
     let peak = peak_rss(pid);
     // Let the last report in, then count what the agent saw of wrk's requests.
     scaler.wait_reports(2);
@@ -177,6 +197,7 @@ fn with_agent(args: &Args, dir: &Path, scaler: &Scaler, web: SocketAddr) -> anyh
         cpu_seconds: cpu1 - cpu0,
         peak_rss: peak,
         counted: after.saturating_sub(before),
+        kernel,
     })
 }
 
@@ -241,7 +262,7 @@ fn main() -> anyhow::Result<()> {
         for k in 0..3 {
             match (k + round as usize) % 3 {
                 0 => n = Some(run_wrk(&args, web.addr)?),
-                1 => a = Some(with_agent(&args, &dir, &scaler, web.addr)?),
+                1 => a = Some(with_agent(&args, &dir, &scaler, web.addr, false)?),
                 _ => p = Some(run_wrk(&args, proxy_addr)?),
             }
         }
@@ -315,6 +336,39 @@ fn main() -> anyhow::Result<()> {
             "NOT all"
         }
     );
+    print_kernel_cost(&with_agent(&args, &dir, &scaler, web.addr, true)?, n_rps);
     drop(proxy);
     Ok(())
+}
+
+/// One more agent run, with the kernel's BPF run-time statistics on (they slow every program
+/// run, so the rounds above ran without them): what each program costs per run and per request.
+fn print_kernel_cost(run: &AgentRun, none_rps: f64) {
+    let requests = run.wrk.requests.max(1) as f64;
+    println!();
+    println!(
+        "kernel programs during one more agent run ({} requests, BPF run-time statistics on):",
+        run.wrk.requests
+    );
+    let mut total = 0.0;
+    for p in run.kernel.iter().filter(|p| p.runs > 0) {
+        let ns = p.time.as_nanos() as f64;
+        total += ns;
+        println!(
+            "  {:<16} {:>10} runs {:>7.0} ns/run {:>7.0} ns/request",
+            p.name,
+            p.runs,
+            ns / p.runs as f64,
+            ns / requests
+        );
+    }
+    // Without the agent, the 2 cores spend 1 / none_rps × cores seconds per request.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let per_request_ns = 1e9 * cores / none_rps.max(1.0);
+    println!(
+        "  all programs            {:>7.0} ns per request = {:.1} % of the {:.0} ns of CPU a request takes without the agent",
+        total / requests,
+        100.0 * total / requests / per_request_ns,
+        per_request_ns
+    );
 }
