@@ -11,7 +11,7 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use surge_common::{
     http::PREFIX_LEN,
-    stream::{Cursor, Framer, Side, Starts, CHUNK},
+    stream::{Framer, Side, Starts, CHUNK},
     ConnState, ServiceCounters, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD, CONN_TLS, START_SLOTS,
 };
 
@@ -196,9 +196,10 @@ fn frame(ctx: &SkBuffContext, framer: &mut Framer, off: u32, end: u32, side: Sid
     let s = unsafe { &mut *s };
     s.generation = s.generation.wrapping_add(1);
     let generation = s.generation;
-    s.framer = *framer;
-    s.cursor = Cursor::new(off, end);
-    s.starts = Starts::default();
+    copy_framer(&mut s.framer, framer);
+    s.cursor.reset(off, end);
+    s.starts.messages = 0;
+    s.starts.interim = 0;
     s.side = slot;
     let mut l = FrameLoop {
         skb: ctx.skb.skb,
@@ -222,8 +223,23 @@ fn frame(ctx: &SkBuffContext, framer: &mut Framer, off: u32, end: u32, side: Sid
         // More header bytes than the bound: give the stream up rather than miscount it.
         s.framer.lose();
     }
-    *framer = s.framer;
+    copy_framer(framer, &s.framer);
     s.starts
+}
+
+/// Copies a framer a word at a time: an aggregate copy compiles to a byte loop in BPF.
+#[inline(always)]
+fn copy_framer(dst: &mut Framer, src: &Framer) {
+    const WORDS: usize = core::mem::size_of::<Framer>() / 8;
+    const _: () = assert!(core::mem::size_of::<Framer>() % 8 == 0);
+    let (d, s) = (dst as *mut Framer as *mut u64, src as *const Framer as *const u64);
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: both point to a whole, 8-aligned Framer; volatile keeps the compiler from
+        // merging the loop back into a memcpy call.
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
+    }
 }
 
 /// One round of [`frame`]; returns 1 to stop the loop.
@@ -261,11 +277,12 @@ extern "C" fn frame_round(_index: u32, ctx: *mut c_void) -> i64 {
 /// first byte of its target). Shorter payloads cannot start a message and are not read.
 #[inline(always)]
 fn load_prefix(ctx: &SkBuffContext, seg: &Segment) -> Result<([u8; PREFIX_LEN], usize), i64> {
-    let mut prefix = [0u8; PREFIX_LEN];
     if seg.payload_len >= PREFIX_LEN {
-        prefix = ctx.load(seg.payload_offset).map_err(|e| e as i64)?;
-        Ok((prefix, PREFIX_LEN))
-    } else if seg.payload_len >= 12 {
+        let prefix: [u8; PREFIX_LEN] = crate::packet::load(ctx, seg.payload_offset)?;
+        return Ok((prefix, PREFIX_LEN));
+    }
+    let mut prefix = [0u8; PREFIX_LEN];
+    if seg.payload_len >= 12 {
         let head: [u8; 12] = ctx.load(seg.payload_offset).map_err(|e| e as i64)?;
         prefix[..12].copy_from_slice(&head);
         Ok((prefix, 12))

@@ -1,7 +1,12 @@
 //! Parsing of the IP and TCP headers of a segment seen by a cgroup_skb program, whose data
 //! starts at the network header.
 
-use aya_ebpf::programs::SkBuffContext;
+use core::{
+    ffi::c_void,
+    mem::{size_of, MaybeUninit},
+};
+
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::SkBuffContext};
 use surge_common::ConnKey;
 
 #[derive(Clone, Copy)]
@@ -33,47 +38,45 @@ impl Segment {
     #[inline(always)]
     pub fn parse(ctx: &SkBuffContext, dir: Direction) -> Result<Self, i64> {
         // One load per header (the helper call is the expensive part): the IPv4 header's fixed
-        // 20 bytes (the IPv6 header's first 20, then its addresses), then the TCP header's first 14.
-        let mut v4 = [0u8; 20];
-        load_into(ctx, 0, &mut v4)?;
-        let first = v4[0];
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
-        let l4 = match first >> 4 {
+        // 20 bytes (the IPv6 header's first 20, then its addresses), then the TCP header's first
+        // 14. Loaded into uninitialized words and taken apart by shifts: zeroing or copying byte
+        // arrays costs a byte loop per array in BPF.
+        let ip: [u32; 5] = load(ctx, 0)?;
+        let byte = |word: u32, i: u32| (word >> (8 * i)) as u8;
+        let first = byte(ip[0], 0);
+        let (src, dst, l4) = match first >> 4 {
             4 => {
-                let ip = &v4;
-                if ip[9] != IPPROTO_TCP {
+                if byte(ip[2], 1) != IPPROTO_TCP {
                     return Err(SKIP);
                 }
                 // Fragment offset or more-fragments set: not the first fragment of a segment.
-                let frag = u16::from_be_bytes([ip[6], ip[7]]);
+                let frag = u16::from_be_bytes([byte(ip[1], 2), byte(ip[1], 3)]);
                 if frag & 0x3fff != 0 {
                     return Err(SKIP);
                 }
-                v4_mapped(&mut src, [ip[12], ip[13], ip[14], ip[15]]);
-                v4_mapped(&mut dst, [ip[16], ip[17], ip[18], ip[19]]);
-                ((first & 0x0f) as usize) * 4
+                (v4_mapped(ip[3]), v4_mapped(ip[4]), ((first & 0x0f) as usize) * 4)
             }
             6 => {
-                if v4[6] != IPPROTO_TCP {
+                if byte(ip[1], 2) != IPPROTO_TCP {
                     return Err(SKIP);
                 }
-                src = ctx.load(8).map_err(|e| e as i64)?;
-                dst = ctx.load(24).map_err(|e| e as i64)?;
-                40
+                let src: [u32; 4] = load(ctx, 8)?;
+                let dst: [u32; 4] = load(ctx, 24)?;
+                (src, dst, 40)
             }
             _ => return Err(SKIP),
         };
         if !(20..=60).contains(&l4) {
             return Err(SKIP);
         }
-        let mut tcp = [0u8; 14];
-        load_into(ctx, l4, &mut tcp)?;
-        let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-        let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-        let tcp_len = ((tcp[12] >> 4) as usize) * 4;
-        let flags = tcp[13];
+        // Ports, sequence number, acknowledgment number, data offset and flags.
+        let tcp: [u32; 4] = load(ctx, l4)?;
+        let sport = u16::from_be_bytes([byte(tcp[0], 0), byte(tcp[0], 1)]);
+        let dport = u16::from_be_bytes([byte(tcp[0], 2), byte(tcp[0], 3)]);
+        let seq = u32::from_be(tcp[1]);
+        let tcp_len = ((byte(tcp[3], 0) >> 4) as usize) * 4;
+        let flags = byte(tcp[3], 1);
+        let (src, dst) = (words_to_bytes(src), words_to_bytes(dst));
         let payload_offset = l4 + tcp_len;
         let total = ctx.len() as usize;
         let payload_len = total.saturating_sub(payload_offset);
@@ -102,32 +105,36 @@ impl Segment {
     }
 }
 
-/// Copies `N` bytes at `offset` of the packet straight into `buf` (no temporary on the stack,
-/// which the verifier's 512-byte limit makes scarce).
+/// `size_of::<T>()` bytes at `offset` of the packet, loaded into an uninitialized `T` (the
+/// helper takes uninitialized memory; no zeroing first). `T` is a plain array of integers.
 #[inline(always)]
-fn load_into<const N: usize>(ctx: &SkBuffContext, offset: usize, buf: &mut [u8; N]) -> Result<(), i64> {
-    // SAFETY: the helper writes at most N bytes into `buf` and checks the packet's bounds.
+pub fn load<T: Copy>(ctx: &SkBuffContext, offset: usize) -> Result<T, i64> {
+    let mut out = MaybeUninit::<T>::uninit();
+    // SAFETY: the helper writes exactly size_of::<T>() bytes into `out` or fails.
     let ret = unsafe {
-        aya_ebpf::helpers::bpf_skb_load_bytes(
-            ctx.skb.skb as *const core::ffi::c_void,
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
             offset as u32,
-            buf.as_mut_ptr() as *mut core::ffi::c_void,
-            N as u32,
+            out.as_mut_ptr() as *mut c_void,
+            size_of::<T>() as u32,
         )
     };
     if ret < 0 {
-        Err(ret)
-    } else {
-        Ok(())
+        return Err(ret);
     }
+    // SAFETY: every byte was written; any bit pattern is a valid integer array.
+    Ok(unsafe { out.assume_init() })
 }
 
+/// An IPv4 address (as it lies in the header) as an IPv4-mapped IPv6 address, in words.
 #[inline(always)]
-fn v4_mapped(out: &mut [u8; 16], a: [u8; 4]) {
-    out[10] = 0xff;
-    out[11] = 0xff;
-    out[12] = a[0];
-    out[13] = a[1];
-    out[14] = a[2];
-    out[15] = a[3];
+fn v4_mapped(addr: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr]
+}
+
+/// The address bytes as they lie in memory.
+#[inline(always)]
+fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    // SAFETY: same size, any bit pattern is valid.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w) }
 }

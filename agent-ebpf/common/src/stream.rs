@@ -17,8 +17,10 @@
 
 use crate::http::{classify, SegmentStart, PREFIX_LEN};
 
-/// Bytes per constant-size load.
-pub const CHUNK: usize = 16;
+/// Bytes per load at most: a short response's whole header block takes two or three.
+pub const CHUNK: usize = 64;
+/// Bytes a header name or a start line head is matched on at once.
+const WINDOW: usize = PREFIX_LEN;
 
 /// Phases (`Framer::phase`).
 pub const START: u8 = 0;
@@ -109,17 +111,59 @@ pub struct Framer {
     pub last_stream: u32,
 }
 
-/// The index of the first `\n` in `buf[from..n]`, or `n`. Constant indices only.
+/// The index of the first `\n` in `buf[from..n]`, or `n`: eight bytes at a time, with
+/// constant indices only.
 #[inline(always)]
 fn find_lf(buf: &[u8; CHUNK], from: usize, n: usize) -> usize {
-    let mut j = 0;
-    while j < CHUNK {
-        if j >= from && j < n && buf[j] == b'\n' {
-            return j;
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const LFS: u64 = 0x0a0a_0a0a_0a0a_0a0a;
+    let mut w = 0;
+    while w < CHUNK / 8 {
+        let base = w * 8;
+        if base + 8 > from && base < n {
+            let word = u64::from_le_bytes([
+                buf[base],
+                buf[base + 1],
+                buf[base + 2],
+                buf[base + 3],
+                buf[base + 4],
+                buf[base + 5],
+                buf[base + 6],
+                buf[base + 7],
+            ]);
+            // The top bit of each byte that is `\n`, exactly (no false positives).
+            let x = word ^ LFS;
+            let mut m = !(((x & LOW7).wrapping_add(LOW7)) | x | LOW7);
+            if from > base {
+                m &= u64::MAX << (8 * (from - base));
+            }
+            if n < base + 8 {
+                m &= !(u64::MAX << (8 * (n - base)));
+            }
+            if m != 0 {
+                return base + lowest_byte(m);
+            }
         }
-        j += 1;
+        w += 1;
     }
     n
+}
+
+/// The index of the lowest byte whose top bit is set in `m` (not zero).
+#[inline(always)]
+fn lowest_byte(m: u64) -> usize {
+    let b = m & m.wrapping_neg();
+    let mut k = 0;
+    if b & 0xffff_ffff_0000_0000 != 0 {
+        k += 4;
+    }
+    if b & 0xffff_0000_ffff_0000 != 0 {
+        k += 2;
+    }
+    if b & 0xff00_ff00_ff00_ff00 != 0 {
+        k += 1;
+    }
+    k
 }
 
 #[inline(always)]
@@ -530,18 +574,20 @@ impl Framer {
         }
     }
 
-    /// At the start of a header line, with a whole chunk loaded from its first byte (not `\r`
-    /// or `\n`): matches the name against `Content-Length:` and `Transfer-Encoding:` at once,
-    /// to the state [`Framer::step`] would reach byte by byte. Returns how many bytes it
+    /// At the start of a header line, `buf[at..at + WINDOW]` loaded from its first byte (not
+    /// `\r` or `\n`): matches the name against `Content-Length:` and `Transfer-Encoding:` at
+    /// once, to the state [`Framer::step`] would reach byte by byte. Returns how many bytes it
     /// consumed: none for any other name, whose line is then skipped to its end (a `\n` inside
     /// the name ends the line either way).
     #[inline(always)]
-    pub fn take_header_name(&mut self, buf: &[u8; CHUNK]) -> usize {
+    pub fn take_header_name(&mut self, buf: &[u8; CHUNK], at: usize) -> usize {
         let mut content_length = true;
         let mut transfer_encoding = true;
         let mut k = 0;
-        while k < CHUNK {
-            let c = lower(buf[k]);
+        while k < WINDOW {
+            // The mask changes nothing (the caller keeps at + WINDOW ≤ CHUNK); it shows the
+            // bound to the verifier.
+            let c = lower(buf[(at + k) & (CHUNK - 1)]);
             if k < CONTENT_LENGTH.len() && c != CONTENT_LENGTH[k] {
                 content_length = false;
             }
@@ -564,10 +610,10 @@ impl Framer {
             CONTENT_LENGTH.len()
         } else if transfer_encoding {
             // "g:" is left to the byte-by-byte match.
-            self.pos = CHUNK as u8;
+            self.pos = WINDOW as u8;
             self.cand = 2;
             self.phase = HDR_NAME;
-            CHUNK
+            WINDOW
         } else {
             self.pos = 0;
             self.cand = 0;
@@ -576,18 +622,21 @@ impl Framer {
         }
     }
 
-    /// In a `Content-Length` value: frames `buf[from..n]` at once, byte by byte as
-    /// [`Framer::step`] would, up to the end of the line. Returns how many bytes it consumed.
+    /// In a `Content-Length` value: frames up to [`WINDOW`] bytes of `buf[from..n]` at once,
+    /// byte by byte as [`Framer::step`] would, up to the end of the line. Returns how many
+    /// bytes it consumed.
     #[inline(always)]
     pub fn take_content_length(&mut self, buf: &[u8; CHUNK], from: usize, n: usize) -> usize {
         let mut used = 0;
-        let mut j = 0;
-        while j < CHUNK {
-            if j >= from && j < n && self.phase == CL_VALUE {
-                self.content_length_byte(buf[j]);
-                used += 1;
+        let mut k = 0;
+        while k < WINDOW {
+            let j = from + k;
+            if j >= n || self.phase != CL_VALUE {
+                break;
             }
-            j += 1;
+            self.content_length_byte(buf[j & (CHUNK - 1)]);
+            used += 1;
+            k += 1;
         }
         used
     }
@@ -642,9 +691,9 @@ impl Framer {
         self.phase == LINE || self.phase == HDR_SKIP || self.phase == TRAILER_SKIP || self.phase == CHUNK_EXT
     }
 
-    /// At a message start with a whole chunk loaded: takes the start line's head (up to its
-    /// `\n`, at most [`CHUNK`] bytes) at once, as [`Framer::step`] would byte by byte. Returns
-    /// how many bytes it consumed.
+    /// At a message start with at least [`WINDOW`] bytes loaded: takes the start line's head
+    /// (up to its `\n`, at most [`WINDOW`] bytes) at once, as [`Framer::step`] would byte by
+    /// byte. Returns how many bytes it consumed.
     #[inline(always)]
     pub fn take_head(&mut self, buf: &[u8; CHUNK], side: Side, starts: &mut Starts) -> usize {
         // A server's HTTP/2 preface: SETTINGS (type 4, no flags) on stream 0.
@@ -668,18 +717,20 @@ impl Framer {
             self.stream = 0;
             return 9;
         }
-        if side == Side::Requests && *buf == *PREFACE {
+        let mut head = [0u8; WINDOW];
+        head.copy_from_slice(&buf[..WINDOW]);
+        if side == Side::Requests && head == *PREFACE {
             self.phase = H2_PREFACE;
             self.remaining = 8;
             self.flags = 0;
-            return CHUNK;
+            return WINDOW;
         }
-        self.head = *buf;
-        let lf = find_lf(buf, 0, CHUNK);
-        let used = if lf < CHUNK { lf + 1 } else { CHUNK };
+        self.head = head;
+        let lf = find_lf(buf, 0, WINDOW);
+        let used = if lf < WINDOW { lf + 1 } else { WINDOW };
         self.head_len = used as u8;
         self.classify_head(side, starts);
-        if self.phase == LINE && lf < CHUNK {
+        if self.phase == LINE && lf < WINDOW {
             self.phase = HDR_START;
         }
         used
@@ -714,7 +765,7 @@ impl Framer {
 /// A position in one segment's payload and the chunk of it loaded last: the state of the
 /// kernel's framing loop, whose every round is one [`Cursor::round`] (a body skip or a chunk).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Cursor {
     pub buf: [u8; CHUNK],
     /// Offset of the next byte to consume, and the end of the payload.
@@ -734,6 +785,16 @@ impl Cursor {
             pos: 0,
             len: 0,
         }
+    }
+
+    /// Starts over on the payload `[off, end)`, in place (the chunk's bytes are left as they
+    /// are: nothing reads them before the next load).
+    #[inline(always)]
+    pub fn reset(&mut self, off: u32, end: u32) {
+        self.off = off;
+        self.end = end;
+        self.pos = 0;
+        self.len = 0;
     }
 
     pub fn finished(&self) -> bool {
@@ -793,18 +854,23 @@ impl Cursor {
             if !self.reload(f, load) {
                 return false;
             }
-            if self.len == CHUNK as u32 && self.buf[0] != b'\r' && self.buf[0] != b'\n' {
+            if self.len >= WINDOW as u32 && self.buf[0] != b'\r' && self.buf[0] != b'\n' {
                 let used = f.take_head(&self.buf, side, starts);
                 return self.advance(used as u32);
             }
-        } else if f.phase == HDR_START && self.end - self.off >= CHUNK as u32 {
-            // A header line starts here: load a chunk from it and match its name at once.
-            if (self.pos != 0 || self.len != CHUNK as u32) && !self.reload(f, load) {
+        } else if f.phase == HDR_START && self.end - self.off >= WINDOW as u32 {
+            // A header line starts here: with its first WINDOW bytes loaded (loaded again from
+            // here if the chunk ends sooner), its name is matched at once.
+            if self.pos + WINDOW as u32 > self.len && !self.reload(f, load) {
                 return false;
             }
-            if self.buf[0] != b'\r' && self.buf[0] != b'\n' {
-                let used = f.take_header_name(&self.buf);
-                return self.advance(used as u32);
+            let at = core::hint::black_box(self.pos as usize);
+            if at <= CHUNK - WINDOW {
+                let first = self.buf[at];
+                if first != b'\r' && first != b'\n' {
+                    let used = f.take_header_name(&self.buf, at);
+                    return self.advance(used as u32);
+                }
             }
         } else if self.pos >= self.len && !self.reload(f, load) {
             return false;
@@ -829,6 +895,12 @@ impl Cursor {
             f.step(self.buf[j], side, starts);
         }
         self.advance(1)
+    }
+}
+
+impl Default for Cursor {
+    fn default() -> Self {
+        Self::new(0, 0)
     }
 }
 
