@@ -82,12 +82,14 @@ fn on_payload(
     state: &mut ConnState,
     c: &mut ServiceCounters,
 ) -> Result<(), i64> {
-    let (prefix, len) = load_prefix(ctx, seg)?;
+    // The payload's first bytes are loaded only where they matter: a connection's first
+    // payload (TLS?) and a lost stream (does a message start here?).
     let len32 = seg.payload_len as u32;
     let (seen, expected) = match dir {
         Direction::Ingress => {
             if state.flags & CONN_SEEN_PAYLOAD == 0 {
                 state.flags |= CONN_SEEN_PAYLOAD;
+                let (prefix, len) = load_prefix(ctx, seg)?;
                 // A TLS record header: handshake (22), version 3.x.
                 if len >= 3 && prefix[0] == 0x16 && prefix[1] == 0x03 {
                     state.flags |= CONN_TLS;
@@ -126,7 +128,8 @@ fn on_payload(
     } else if seen && behind < 0 {
         framer.lose();
     }
-    if skip == 0 {
+    if skip == 0 && framer.is_lost() {
+        let (prefix, len) = load_prefix(ctx, seg)?;
         framer.resync(&prefix, len);
     }
     if skip == 0 && matches!(dir, Direction::Egress) && state.requests.is_h2() {

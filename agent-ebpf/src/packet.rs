@@ -37,11 +37,12 @@ const SKIP: i64 = -1;
 impl Segment {
     #[inline(always)]
     pub fn parse(ctx: &SkBuffContext, dir: Direction) -> Result<Self, i64> {
-        // One load per header (the helper call is the expensive part): the IPv4 header's fixed
-        // 20 bytes (the IPv6 header's first 20, then its addresses), then the TCP header's first
-        // 14. Loaded into uninitialized words and taken apart by shifts: zeroing or copying byte
-        // arrays costs a byte loop per array in BPF.
-        let ip: [u32; 5] = load(ctx, 0)?;
+        // As few loads as can be (the helper call is the expensive part): an IPv4 header
+        // without options and the TCP header's first 16 bytes come in one; other headers take
+        // one more. Loaded into uninitialized words and taken apart by shifts: zeroing or
+        // copying byte arrays costs a byte loop per array in BPF.
+        let head: [u32; 9] = load(ctx, 0)?;
+        let ip = [head[0], head[1], head[2], head[3], head[4]];
         let byte = |word: u32, i: u32| (word >> (8 * i)) as u8;
         let first = byte(ip[0], 0);
         let (src, dst, l4) = match first >> 4 {
@@ -70,7 +71,11 @@ impl Segment {
             return Err(SKIP);
         }
         // Ports, sequence number, acknowledgment number, data offset and flags.
-        let tcp: [u32; 4] = load(ctx, l4)?;
+        let tcp: [u32; 4] = if l4 == 20 {
+            [head[5], head[6], head[7], head[8]]
+        } else {
+            load(ctx, l4)?
+        };
         let sport = u16::from_be_bytes([byte(tcp[0], 0), byte(tcp[0], 1)]);
         let dport = u16::from_be_bytes([byte(tcp[0], 2), byte(tcp[0], 3)]);
         let seq = u32::from_be(tcp[1]);

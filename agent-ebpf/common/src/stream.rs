@@ -856,7 +856,11 @@ impl Cursor {
             }
             if self.len >= WINDOW as u32 && self.buf[0] != b'\r' && self.buf[0] != b'\n' {
                 let used = f.take_head(&self.buf, side, starts);
-                return self.advance(used as u32);
+                // A start line that goes on past its head is skipped to its end below, in this
+                // round; headers starting next are left to the next round's fast path.
+                if !self.advance(used as u32) || f.phase != LINE {
+                    return self.off < self.end;
+                }
             }
         } else if f.phase == HDR_START && self.end - self.off >= WINDOW as u32 {
             // A header line starts here: with its first WINDOW bytes loaded (loaded again from
@@ -869,7 +873,11 @@ impl Cursor {
                 let first = self.buf[at];
                 if first != b'\r' && first != b'\n' {
                     let used = f.take_header_name(&self.buf, at);
-                    return self.advance(used as u32);
+                    // Another header's line is skipped to its end and a Content-Length value
+                    // read below, in this round.
+                    if !self.advance(used as u32) || (f.phase != HDR_SKIP && f.phase != CL_VALUE) {
+                        return self.off < self.end;
+                    }
                 }
             }
         } else if self.pos >= self.len && !self.reload(f, load) {
@@ -893,6 +901,11 @@ impl Cursor {
         let j = core::hint::black_box(self.pos as usize);
         if j < CHUNK {
             f.step(self.buf[j], side, starts);
+            // The `\n` of a `\r\n` that ends the headers (or a line) goes in the same round.
+            if f.phase == HDR_END && j + 1 < self.len as usize && j + 1 < CHUNK {
+                f.step(self.buf[j + 1], side, starts);
+                self.advance(1);
+            }
         }
         self.advance(1)
     }
