@@ -129,7 +129,9 @@ async fn run(client: Client, options: Options, tx: watch::Sender<View>, mut stop
                     Source::Slices => slices_listed = true,
                 },
                 Ok(false) => {}
-                Err(e) => tracing::warn!(watching = source.what(), error = %e, "kubernetes watch failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(watching = source.what(), error = %e, "kubernetes watch failed; retrying")
+                }
             }
         }
         if !(pods_listed && slices_listed) {
@@ -150,10 +152,14 @@ async fn run(client: Client, options: Options, tx: watch::Sender<View>, mut stop
             (driver, view, skipped)
         })
         .await;
-        let Ok((driver, view, skipped)) = computed else { continue };
+        let Ok((driver, view, skipped)) = computed else {
+            continue;
+        };
         if last_driver != Some(driver) {
             match driver {
-                Some(d) => tracing::info!(driver = ?d, cgroup_root = %options.cgroup_root.display(), "kubelet cgroup driver"),
+                Some(d) => {
+                    tracing::info!(driver = ?d, cgroup_root = %options.cgroup_root.display(), "kubelet cgroup driver")
+                }
                 None => tracing::warn!(
                     cgroup_root = %options.cgroup_root.display(),
                     "neither kubepods.slice (systemd driver) nor kubepods (cgroupfs driver) is under the kubelet cgroup root; \

@@ -8,15 +8,13 @@ use std::{
 };
 
 use surge_proto::v1::{
-    agent_link_client::AgentLinkClient, agent_message, scaler_command, AgentMessage, Hello, Report,
-    WatchSet,
+    agent_link_client::AgentLinkClient, agent_message, scaler_command, AgentMessage, Hello, Report, WatchSet,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    backoff::Backoff, clock::Clock, config::Settings, holder::HoldConfig, holding::Holders, node::Node,
-    pods,
+    backoff::Backoff, clock::Clock, config::Settings, holder::HoldConfig, holding::Holders, node::Node, pods,
 };
 
 /// This node's pods by service, from the Kubernetes source (k8s.rs); `None` outside Kubernetes.
@@ -65,10 +63,7 @@ pub async fn run(
         timeout: settings.hold_timeout,
         ..HoldConfig::default()
     });
-    let mut watching = Watching {
-        scaler: None,
-        local,
-    };
+    let mut watching = Watching { scaler: None, local };
     loop {
         tokio::select! {
             result = session(&settings, &node, &clock, &mut instance, &mut backoff, &mut holders, &mut watching) => {
@@ -111,9 +106,14 @@ impl Watching {
         let node = Arc::clone(node);
         let generation = set.generation;
         let ports = holders.sync(&set).await;
-        let applied = tokio::task::spawn_blocking(move || node.lock().map_err(|e| e.to_string())?.apply(&set, &ports).map_err(|e| e.to_string()))
-            .await
-            .map_err(|e| LinkError::Read(e.to_string()))?;
+        let applied = tokio::task::spawn_blocking(move || {
+            node.lock()
+                .map_err(|e| e.to_string())?
+                .apply(&set, &ports)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| LinkError::Read(e.to_string()))?;
         match applied {
             Ok(()) => tracing::debug!(generation, "applied watch set"),
             Err(e) => tracing::error!(generation, error = %e, "rejected watch set; keeping the previous one"),

@@ -68,7 +68,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             let client = k8s::client(args.kubeconfig.as_deref()).await?;
             let options = k8s::Options {
                 node: settings.node.clone(),
-                cgroup_root: args.kube_cgroup_root.clone().unwrap_or_else(|| env.cgroup_root.clone()),
+                cgroup_root: args
+                    .kube_cgroup_root
+                    .clone()
+                    .unwrap_or_else(|| env.cgroup_root.clone()),
             };
             Some(k8s::spawn(client, options, stop_rx.clone()))
         } else {

@@ -238,11 +238,8 @@ pub fn merge(set: &WatchSet, view: &View) -> WatchSet {
     let mut out = set.clone();
     for s in &mut out.services {
         let Some(local) = view.get(&s.name) else { continue };
-        let listed: BTreeSet<(Option<IpAddr>, u32)> = s
-            .endpoints
-            .iter()
-            .map(|e| (e.ip.parse().ok(), e.port))
-            .collect();
+        let listed: BTreeSet<(Option<IpAddr>, u32)> =
+            s.endpoints.iter().map(|e| (e.ip.parse().ok(), e.port)).collect();
         for addr in &local.endpoints {
             if !listed.contains(&(Some(addr.ip()), addr.port() as u32)) {
                 s.endpoints.push(Endpoint {

@@ -20,7 +20,12 @@ fn pod(ns: &str, name: &str, uid: &str, node: &str, qos: Option<&str>, phase: &s
 }
 
 /// A slice of `service` in `ns` with `ports` and endpoints (address, pod name, pod uid).
-fn slice(ns: &str, service: &str, ports: serde_json::Value, eps: &[(&str, &str, Option<&str>)]) -> EndpointSlice {
+fn slice(
+    ns: &str,
+    service: &str,
+    ports: serde_json::Value,
+    eps: &[(&str, &str, Option<&str>)],
+) -> EndpointSlice {
     let endpoints: Vec<serde_json::Value> = eps
         .iter()
         .map(|(addr, pod, uid)| {
@@ -122,15 +127,14 @@ fn services_get_their_local_pods_endpoints_and_cgroups() {
             json!([{"name": "http", "port": 8080, "protocol": "TCP"}, {"port": 9090}]),
             &[("10.1.0.5", "web-1", Some(UID_A)), ("10.1.9.9", "web-7", None)],
         ),
-        slice("shop", "api", json!([{"port": 7000}]), &[("10.1.0.6", "api-1", None)]),
+        slice(
+            "shop",
+            "api",
+            json!([{"port": 7000}]),
+            &[("10.1.0.6", "api-1", None)],
+        ),
     ];
-    let (v, skipped) = view(
-        "node-a",
-        &pods,
-        &slices,
-        Path::new(ROOT),
-        Some(Driver::Systemd),
-    );
+    let (v, skipped) = view("node-a", &pods, &slices, Path::new(ROOT), Some(Driver::Systemd));
     assert!(skipped.is_empty());
     assert_eq!(v.len(), 2);
     let web = &v["shop/web"];
@@ -170,14 +174,26 @@ fn pods_of_other_nodes_and_finished_pods_are_left_out() {
 #[test]
 fn a_stale_reference_to_an_earlier_pod_of_the_same_name_is_ignored() {
     let pods = [pod("shop", "db-0", UID_B, "node-a", Some("Burstable"), "Running")];
-    let slices = [slice("shop", "db", json!([{"port": 5432}]), &[("10.1.0.5", "db-0", Some(UID_A))])];
+    let slices = [slice(
+        "shop",
+        "db",
+        json!([{"port": 5432}]),
+        &[("10.1.0.5", "db-0", Some(UID_A))],
+    )];
     let (v, _) = view("node-a", &pods, &slices, Path::new(ROOT), Some(Driver::Systemd));
     assert!(v.is_empty(), "{v:?}");
 }
 
 #[test]
 fn udp_and_portless_entries_and_fqdn_addresses_give_no_endpoint() {
-    let pods = [pod("shop", "dns-1", UID_A, "node-a", Some("BestEffort"), "Running")];
+    let pods = [pod(
+        "shop",
+        "dns-1",
+        UID_A,
+        "node-a",
+        Some("BestEffort"),
+        "Running",
+    )];
     let slices = [slice(
         "shop",
         "dns",
@@ -194,7 +210,12 @@ fn udp_and_portless_entries_and_fqdn_addresses_give_no_endpoint() {
 #[test]
 fn a_uid_that_is_not_a_uid_is_skipped_with_a_reason() {
     let pods = [pod("shop", "evil", "../../etc", "node-a", None, "Running")];
-    let slices = [slice("shop", "web", json!([{"port": 80}]), &[("10.1.0.5", "evil", None)])];
+    let slices = [slice(
+        "shop",
+        "web",
+        json!([{"port": 80}]),
+        &[("10.1.0.5", "evil", None)],
+    )];
     let (v, skipped) = view("node-a", &pods, &slices, Path::new(ROOT), None);
     assert!(v.is_empty());
     assert_eq!(
@@ -208,14 +229,34 @@ fn a_uid_that_is_not_a_uid_is_skipped_with_a_reason() {
 
 #[test]
 fn a_pod_in_two_services_is_in_both() {
-    let pods = [pod("shop", "web-1", UID_A, "node-a", Some("Burstable"), "Running")];
+    let pods = [pod(
+        "shop",
+        "web-1",
+        UID_A,
+        "node-a",
+        Some("Burstable"),
+        "Running",
+    )];
     let slices = [
-        slice("shop", "web", json!([{"port": 8080}]), &[("10.1.0.5", "web-1", None)]),
-        slice("shop", "web-admin", json!([{"port": 9000}]), &[("10.1.0.5", "web-1", None)]),
+        slice(
+            "shop",
+            "web",
+            json!([{"port": 8080}]),
+            &[("10.1.0.5", "web-1", None)],
+        ),
+        slice(
+            "shop",
+            "web-admin",
+            json!([{"port": 9000}]),
+            &[("10.1.0.5", "web-1", None)],
+        ),
     ];
     let (v, _) = view("node-a", &pods, &slices, Path::new(ROOT), Some(Driver::Systemd));
     assert_eq!(v["shop/web"].cgroups, v["shop/web-admin"].cgroups);
-    assert_eq!(v["shop/web-admin"].endpoints, BTreeSet::from([addr("10.1.0.5:9000")]));
+    assert_eq!(
+        v["shop/web-admin"].endpoints,
+        BTreeSet::from([addr("10.1.0.5:9000")])
+    );
 }
 
 fn scaler_set() -> WatchSet {
@@ -271,7 +312,11 @@ fn merging_adds_local_endpoints_and_cgroups_to_the_named_services_only() {
     let set = scaler_set();
     let merged = merge(&set, &v);
     assert_eq!(merged.generation, 7);
-    assert_eq!(merged.services.len(), 2, "a service the scaler does not name is not added");
+    assert_eq!(
+        merged.services.len(),
+        2,
+        "a service the scaler does not name is not added"
+    );
     let web = &merged.services[0];
     let eps: Vec<(String, u32)> = web.endpoints.iter().map(|e| (e.ip.clone(), e.port)).collect();
     assert_eq!(
