@@ -61,6 +61,18 @@ pub struct Args {
     /// Where tracefs is mounted if it is not mounted yet.
     #[arg(long, env = "SURGE_TRACEFS", default_value = "/sys/kernel/tracing")]
     pub tracefs: PathBuf,
+    /// Learn this node's pods, their endpoints and cgroups from the Kubernetes API: true, false,
+    /// or auto (on in a pod, where KUBERNETES_SERVICE_HOST is set) [default: auto].
+    #[arg(long, env = "SURGE_KUBERNETES")]
+    pub kubernetes: Option<String>,
+    /// The kubeconfig file for the API [default: the pod's service account, KUBECONFIG, or
+    /// ~/.kube/config].
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The directory that holds the kubelet's pod cgroups (kubepods.slice with the systemd
+    /// driver, kubepods with cgroupfs) [default: the cgroup v2 root].
+    #[arg(long, env = "SURGE_KUBE_CGROUP_ROOT")]
+    pub kube_cgroup_root: Option<PathBuf>,
     /// The mount table to read (for tests).
     #[arg(long, default_value = "/proc/mounts", hide = true)]
     pub mounts_file: PathBuf,

@@ -8,14 +8,17 @@ use std::{
 };
 
 use surge_proto::v1::{
-    agent_link_client::AgentLinkClient, agent_message, scaler_command, AgentMessage, Hello, Report,
+    agent_link_client::AgentLinkClient, agent_message, scaler_command, AgentMessage, Hello, Report, WatchSet,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    backoff::Backoff, clock::Clock, config::Settings, holder::HoldConfig, holding::Holders, node::Node,
+    backoff::Backoff, clock::Clock, config::Settings, holder::HoldConfig, holding::Holders, node::Node, pods,
 };
+
+/// This node's pods by service, from the Kubernetes source (k8s.rs); `None` outside Kubernetes.
+pub type LocalPods = Option<watch::Receiver<pods::View>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -44,34 +47,89 @@ impl Instance {
     }
 }
 
-/// Runs until `shutdown` turns true: connects, streams, reconnects with backoff.
+/// Runs until `shutdown` turns true: connects, streams, reconnects with backoff. The scaler's
+/// watch set, with `local` pods added, is what the kernel watches; a change of either applies at
+/// once, also while the scaler is away.
 pub async fn run(
     settings: Settings,
     node: Arc<Mutex<Node>>,
     clock: Arc<dyn Clock>,
     mut instance: Instance,
     mut shutdown: watch::Receiver<bool>,
+    local: LocalPods,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut holders = Holders::new(HoldConfig {
         timeout: settings.hold_timeout,
         ..HoldConfig::default()
     });
+    let mut watching = Watching { scaler: None, local };
     loop {
         tokio::select! {
-            result = session(&settings, &node, &clock, &mut instance, &mut backoff, &mut holders) => {
+            result = session(&settings, &node, &clock, &mut instance, &mut backoff, &mut holders, &mut watching) => {
                 if let Err(e) = result {
                     tracing::warn!(scaler = %settings.scaler, error = %e, "scaler link down; retrying");
                 }
             }
             _ = shutdown.changed() => return,
         }
-        let delay = backoff.next_delay(rand::random::<f64>());
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => return,
+        let sleep = tokio::time::sleep(backoff.next_delay(rand::random::<f64>()));
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = shutdown.changed() => return,
+                () = local_changed(&mut watching.local) => {
+                    if let Err(e) = watching.apply(&node, &mut holders).await {
+                        tracing::warn!(error = %e, "applying this node's pods failed");
+                    }
+                }
+            }
         }
     }
+}
+
+/// What the kernel is told to watch: the scaler's last watch set and this node's pods.
+struct Watching {
+    scaler: Option<WatchSet>,
+    local: LocalPods,
+}
+
+impl Watching {
+    /// Applies the scaler's set with the local pods added; before the first set, nothing.
+    async fn apply(&mut self, node: &Arc<Mutex<Node>>, holders: &mut Holders) -> Result<(), LinkError> {
+        let Some(scaler) = &self.scaler else { return Ok(()) };
+        let set = match self.local.as_mut() {
+            Some(rx) => pods::merge(scaler, &rx.borrow_and_update()),
+            None => scaler.clone(),
+        };
+        let node = Arc::clone(node);
+        let generation = set.generation;
+        let ports = holders.sync(&set).await;
+        let applied = tokio::task::spawn_blocking(move || {
+            node.lock()
+                .map_err(|e| e.to_string())?
+                .apply(&set, &ports)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| LinkError::Read(e.to_string()))?;
+        match applied {
+            Ok(()) => tracing::debug!(generation, "applied watch set"),
+            Err(e) => tracing::error!(generation, error = %e, "rejected watch set; keeping the previous one"),
+        }
+        Ok(())
+    }
+}
+
+/// Resolves when the local pods change; never without a Kubernetes source (or once it is gone).
+async fn local_changed(local: &mut LocalPods) {
+    if let Some(rx) = local {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 async fn session(
@@ -81,6 +139,7 @@ async fn session(
     instance: &mut Instance,
     backoff: &mut Backoff,
     holders: &mut Holders,
+    watching: &mut Watching,
 ) -> Result<(), LinkError> {
     let demand = holders.demand();
     let endpoint = tonic::transport::Endpoint::from_shared(settings.scaler.clone())
@@ -111,18 +170,11 @@ async fn session(
             msg = inbound.message() => {
                 let Some(cmd) = msg? else { return Err(LinkError::Closed) };
                 if let Some(scaler_command::Body::Watch(set)) = cmd.body {
-                    let node = Arc::clone(node);
-                    let generation = set.generation;
-                    let ports = holders.sync(&set).await;
-                    let applied = tokio::task::spawn_blocking(move || node.lock().map_err(|e| e.to_string())?.apply(&set, &ports).map_err(|e| e.to_string()))
-                        .await
-                        .map_err(|e| LinkError::Read(e.to_string()))?;
-                    match applied {
-                        Ok(()) => tracing::debug!(generation, "applied watch set"),
-                        Err(e) => tracing::error!(generation, error = %e, "rejected watch set; keeping the previous one"),
-                    }
+                    watching.scaler = Some(set);
+                    watching.apply(node, holders).await?;
                 }
             }
+            () = local_changed(&mut watching.local) => watching.apply(node, holders).await?,
             // A connection was just held: the scaler hears of the demand now, not at the next tick.
             _ = demand.notified() => {
                 let report = read_report(node, clock, instance, holders).await?;

@@ -9,6 +9,7 @@ use clap::Parser;
 use surge_agent::{
     clock::SystemClock,
     config::{Args, Settings},
+    k8s,
     kernel::KernelProbe,
     link::{self, Instance},
     node::Node,
@@ -45,6 +46,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
     let settings = Settings::resolve(&args, file_text.as_deref(), &hostname)?;
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let kubernetes = k8s::enabled(args.kubernetes.as_deref(), in_cluster)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // A bad kubeconfig is reported before anything is loaded into the kernel.
+    let client = if kubernetes {
+        Some(runtime.block_on(k8s::client(args.kubeconfig.as_deref()))?)
+    } else {
+        None
+    };
     let env = preflight::check(
         &args.btf,
         args.cgroup_root.as_deref(),
@@ -55,12 +68,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(cgroup = %env.cgroup_root.display(), node = %settings.node, "eBPF programs attached");
     let node = Arc::new(Mutex::new(Node::new(probe, env.cgroup_root.clone())));
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     runtime.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let local = client.map(|client| {
+            let options = k8s::Options {
+                node: settings.node.clone(),
+                cgroup_root: args
+                    .kube_cgroup_root
+                    .clone()
+                    .unwrap_or_else(|| env.cgroup_root.clone()),
+            };
+            k8s::spawn(client, options, stop_rx.clone())
+        });
         let instance = Instance::new(settings.node.clone(), rand::random());
         let link = tokio::spawn(link::run(
             settings,
@@ -68,13 +87,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             Arc::new(SystemClock),
             instance,
             stop_rx,
+            local,
         ));
         shutdown_signal().await;
         tracing::info!("stopping");
         let _ = stop_tx.send(true);
         let _ = link.await;
-    });
-    Ok(())
+        Ok::<_, anyhow::Error>(())
+    })
 }
 
 async fn shutdown_signal() {

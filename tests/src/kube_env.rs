@@ -97,11 +97,15 @@ pub struct Env {
     pub ns: String,
     pub scaler: Scaler,
     pub dir: PathBuf,
+    /// The kubeconfig of the test cluster (an admin token), for other programs under test.
+    pub kubeconfig: PathBuf,
 }
 
 pub struct Scaler {
     child: Child,
     pub grpc: String,
+    /// The HTTP API's address (`/api/v1/services`).
+    pub http: SocketAddr,
     log: PathBuf,
 }
 
@@ -176,6 +180,7 @@ impl Env {
         let scaler = Scaler {
             child,
             grpc: format!("http://{grpc}"),
+            http: http.parse().expect("address"),
             log,
         };
         wait_listening_addr(grpc.parse().expect("address"));
@@ -184,6 +189,7 @@ impl Env {
             ns: ns.into(),
             scaler,
             dir,
+            kubeconfig: kubeconfig(flavor).clone(),
         }
     }
 

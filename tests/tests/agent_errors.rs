@@ -151,3 +151,20 @@ fn the_scaler_rejects_bad_services_naming_the_field() {
          any local address, with a port from 1 to 65535"
     );
 }
+
+#[test]
+fn a_bad_kubernetes_setting_or_kubeconfig_is_named() {
+    require_root();
+    let (code, err) = agent(&["--kubernetes", "yes"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err,
+        "surge-agent: SURGE_KUBERNETES = \"yes\": must be true, false or auto"
+    );
+    let (code, err) = agent(&["--kubernetes", "true", "--kubeconfig", "/nonexistent/kubeconfig"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.starts_with("surge-agent: kubeconfig /nonexistent/kubeconfig: "),
+        "{err}"
+    );
+}
