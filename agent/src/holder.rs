@@ -23,6 +23,9 @@ use tokio::{
     time::Instant,
 };
 
+pub mod waits;
+pub use waits::WaitHistogram;
+
 /// Holder settings.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldConfig {
@@ -57,6 +60,9 @@ pub struct HoldStats {
     pub timeouts_total: AtomicU64,
     /// Sum of the time connections were held until forwarded, microseconds.
     pub held_micros_sum: AtomicU64,
+    /// How long every held connection waited (accept to forward, timeout or end), recorded
+    /// once per connection before `held_now` drops.
+    pub waits: WaitHistogram,
 }
 
 /// Why a held connection ended without being relayed.
@@ -119,6 +125,7 @@ impl Holder {
                     continue;
                 }
             };
+            let accepted = Instant::now();
             self.stats.held_total.fetch_add(1, Ordering::Relaxed);
             self.stats.held_now.fetch_add(1, Ordering::Relaxed);
             self.demand.notify_one();
@@ -129,8 +136,8 @@ impl Holder {
                 Arc::clone(&next),
             );
             tokio::spawn(async move {
-                let result = hold(client, backends, config, &stats, &next).await;
-                stats.held_now.fetch_sub(1, Ordering::Relaxed);
+                let result = hold(client, accepted, backends, config, &stats, &next).await;
+                stats.held_now.fetch_sub(1, Ordering::Release);
                 if let Err(e) = result {
                     tracing::debug!(client = %peer, error = %e, "held connection ended");
                 }
@@ -139,15 +146,33 @@ impl Holder {
     }
 }
 
-/// Serves one held connection: buffer until a replica is ready or the timeout, then relay.
+/// Serves one held connection: buffer until a replica is ready or the timeout, then relay. The
+/// wait is recorded once, however it ends.
 async fn hold(
     mut client: TcpStream,
-    mut backends: watch::Receiver<Vec<SocketAddr>>,
+    accepted: Instant,
+    backends: watch::Receiver<Vec<SocketAddr>>,
     config: HoldConfig,
     stats: &HoldStats,
     next: &AtomicUsize,
 ) -> Result<(), HoldError> {
-    let started = Instant::now();
+    let forwarded = forward(&mut client, accepted, backends, config, stats, next).await;
+    stats.waits.record(accepted.elapsed());
+    let mut upstream = forwarded?;
+    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(())
+}
+
+/// Buffers what the client sends until a replica is ready, connects there and writes the
+/// buffer; after the timeout, answers the client and gives up.
+async fn forward(
+    client: &mut TcpStream,
+    started: Instant,
+    mut backends: watch::Receiver<Vec<SocketAddr>>,
+    config: HoldConfig,
+    stats: &HoldStats,
+    next: &AtomicUsize,
+) -> Result<TcpStream, HoldError> {
     let deadline = started + config.timeout;
     let mut buffer = Vec::with_capacity(config.buffer.min(16 * 1024));
     let mut chunk = vec![0u8; 16 * 1024];
@@ -175,7 +200,7 @@ async fn hold(
             }
             _ = tokio::time::sleep_until(deadline) => {
                 stats.timeouts_total.fetch_add(1, Ordering::Relaxed);
-                answer_timeout(&mut client, &buffer, config.retry_after).await;
+                answer_timeout(client, &buffer, config.retry_after).await;
                 return Err(HoldError::Timeout(config.timeout));
             }
         }
@@ -195,8 +220,7 @@ async fn hold(
     if client_done {
         upstream.shutdown().await?;
     }
-    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-    Ok(())
+    Ok(upstream)
 }
 
 /// Round robin over the ready replicas.

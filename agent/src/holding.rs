@@ -110,11 +110,13 @@ impl Holders {
         for c in services {
             if let Some(h) = self.by_service.get(&c.service) {
                 let s = &h.stats;
-                c.held_now = s.held_now.load(Ordering::Relaxed) as u64;
+                // Acquire: every connection no longer counted here has recorded its wait.
+                c.held_now = s.held_now.load(Ordering::Acquire) as u64;
                 c.held_total = s.held_total.load(Ordering::Relaxed);
                 c.hold_timeouts = s.timeouts_total.load(Ordering::Relaxed);
                 c.held_forwarded = s.forwarded_total.load(Ordering::Relaxed);
                 c.held_seconds_sum = s.held_micros_sum.load(Ordering::Relaxed) as f64 / 1e6;
+                (c.hold_duration_buckets, c.hold_duration_seconds_sum) = s.waits.snapshot();
             }
         }
     }

@@ -3,6 +3,7 @@
 pub mod attribution;
 pub mod backends;
 pub mod backoff;
+pub mod bytesize;
 pub mod cgroups;
 pub mod clock;
 pub mod config;

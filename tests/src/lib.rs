@@ -4,3 +4,8 @@ pub mod harness;
 pub mod http_client;
 pub mod kube_env;
 pub mod load;
+
+/// The sample service's gRPC echo protocol (`proto/echo.proto`).
+pub mod echo {
+    tonic::include_proto!("surge.sample.v1");
+}
