@@ -51,7 +51,10 @@ mod tests {
         );
         assert_eq!(
             parse("3TiB"),
-            Err("\"3TiB\": unknown unit \"TiB\"; expected a size in bytes such as 65536, 64KiB or 1MiB".into())
+            Err(
+                "\"3TiB\": unknown unit \"TiB\"; expected a size in bytes such as 65536, 64KiB or 1MiB"
+                    .into()
+            )
         );
         assert!(parse("99999999999999999999G").is_err());
     }

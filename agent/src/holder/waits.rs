@@ -37,11 +37,7 @@ impl WaitHistogram {
     /// The cumulative counts without their trailing empty buckets (the wire may leave them
     /// out), and the sum of the waits in seconds.
     pub fn snapshot(&self) -> (Vec<u64>, f64) {
-        let mut counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Acquire))
-            .collect();
+        let mut counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Acquire)).collect();
         while counts.last() == Some(&0) {
             counts.pop();
         }

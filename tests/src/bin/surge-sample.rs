@@ -53,10 +53,7 @@ impl Echo for Sample {
         &self,
         request: tonic::Request<EchoRequest>,
     ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let r = request.into_inner();
         Ok(tonic::Response::new(EchoReply {
             id: r.id,
