@@ -22,7 +22,7 @@ pub fn parse(s: &str) -> Result<usize, String> {
 /// The shortest exact form: `64KiB`, `1MiB`, or bytes.
 pub fn format(n: usize) -> String {
     for (unit, scale) in [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if n >= scale && n % scale == 0 {
+        if n >= scale && n.is_multiple_of(scale) {
             return format!("{}{unit}", n / scale);
         }
     }

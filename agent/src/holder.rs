@@ -26,6 +26,22 @@ use tokio::{
 pub mod waits;
 pub use waits::WaitHistogram;
 
+/// The accept queue of a holder's listener (the kernel caps it at net.core.somaxconn). A burst
+/// of cold clients arrives at once: with the usual 128, most of a burst of 1,000 would have
+/// their SYN dropped and retried a second later.
+pub const BACKLOG: u32 = 4096;
+
+/// A holder's listening socket on `addr`, with a deep accept queue.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Holder settings.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldConfig {

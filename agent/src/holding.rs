@@ -10,7 +10,6 @@ use std::{
 
 use surge_proto::v1::{ServiceCounters, WatchSet};
 use tokio::{
-    net::TcpListener,
     sync::{watch, Notify},
     task::JoinHandle,
 };
@@ -59,8 +58,7 @@ impl Holders {
                 })
                 .collect();
             if !self.by_service.contains_key(&s.name) {
-                match TcpListener::bind("127.0.0.1:0")
-                    .await
+                match crate::holder::listen(SocketAddr::from(([127, 0, 0, 1], 0)))
                     .and_then(|l| Ok((l.local_addr()?.port(), l)))
                 {
                     Ok((port, listener)) => {

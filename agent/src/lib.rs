@@ -10,6 +10,7 @@ pub mod config;
 pub mod holder;
 pub mod holding;
 pub mod kernel;
+pub mod limits;
 pub mod link;
 pub mod node;
 pub mod preflight;

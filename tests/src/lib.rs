@@ -4,6 +4,7 @@ pub mod harness;
 pub mod http_client;
 pub mod kube_env;
 pub mod load;
+pub mod wrk;
 
 /// The sample service's gRPC echo protocol (`proto/echo.proto`).
 pub mod echo {

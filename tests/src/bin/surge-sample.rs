@@ -36,9 +36,9 @@ struct Args {
     #[arg(long)]
     grpc: bool,
     /// Once listening, write `ADDR UNIX_NANOS` (the address and the wall-clock instant it began
-    /// to listen) to this file; `{addr}` in the path is replaced by the address.
+    /// to listen) to this file.
     #[arg(long)]
-    ready_file: Option<String>,
+    ready_file: Option<PathBuf>,
 }
 
 /// Bodies `/mirror` accepts (axum's default is 2 MB).
@@ -108,10 +108,19 @@ async fn main() -> anyhow::Result<()> {
     if let Some(d) = args.startup_delay {
         tokio::time::sleep(d).await;
     }
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    // A deep accept queue, as Go's net.Listen gives (somaxconn): a burst of a thousand
+    // connections is not met with dropped SYNs and one-second retries.
+    let socket = if args.listen.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(args.listen)?;
+    let listener = socket.listen(4096)?;
     let addr = listener.local_addr()?;
     if let Some(path) = &args.ready_file {
-        write_ready_file(Path::new(&path.replace("{addr}", &addr.to_string())), addr)?;
+        write_ready_file(path, addr)?;
     }
     println!("listening on {addr}");
     if args.grpc {
