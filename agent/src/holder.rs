@@ -190,23 +190,24 @@ async fn forward(
     next: &AtomicUsize,
 ) -> Result<TcpStream, HoldError> {
     let deadline = started + config.timeout;
-    let mut buffer = Vec::with_capacity(config.buffer.min(16 * 1024));
-    let mut chunk = vec![0u8; 16 * 1024];
+    // Reads go straight into the buffer, which grows as bytes come (most requests fit in its
+    // first 4 KiB): a held connection costs what its client sent, not a fixed scratch area.
+    let mut buffer = Vec::with_capacity(config.buffer.min(4096));
     let mut client_done = false;
     let backend = loop {
         if let Some(addr) = pick(&backends.borrow_and_update(), next) {
             break addr;
         }
-        let room = config.buffer.saturating_sub(buffer.len()).min(chunk.len());
+        let room = config.buffer.saturating_sub(buffer.len());
+        if room > 0 && buffer.len() == buffer.capacity() {
+            buffer.reserve(room.min(16 * 1024));
+        }
         tokio::select! {
             // Read only while there is room: a full buffer leaves the bytes in the kernel and
             // the client's window closes (backpressure, nothing dropped).
-            n = client.read(&mut chunk[..room]), if room > 0 && !client_done => {
-                let n = n?;
-                if n == 0 {
+            n = read_at_most(client, &mut buffer, room), if room > 0 && !client_done => {
+                if n? == 0 {
                     client_done = true;
-                } else {
-                    buffer.extend_from_slice(&chunk[..n]);
                 }
             }
             changed = backends.changed() => {
@@ -237,6 +238,11 @@ async fn forward(
         upstream.shutdown().await?;
     }
     Ok(upstream)
+}
+
+/// Reads what the client sent, at most `room` bytes, onto the end of `buffer`.
+async fn read_at_most(client: &mut TcpStream, buffer: &mut Vec<u8>, room: usize) -> std::io::Result<usize> {
+    client.take(room as u64).read_buf(buffer).await
 }
 
 /// Round robin over the ready replicas.
