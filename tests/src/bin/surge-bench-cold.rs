@@ -333,10 +333,12 @@ fn main() -> anyhow::Result<()> {
     let dir = scratch("bench-cold");
     let mut services = Vec::new();
     for round in 1..=args.rounds {
-        for &n in &args.clients {
+        for (j, &n) in args.clients.iter().enumerate() {
             // Readiness lands at a different point between two probes every time (the starting
-            // replica is probed every 100 ms): a deterministic spread over 0-99 ms.
-            let spread = Duration::from_millis((services.len() as u64 * 37) % 100);
+            // replica is probed every 100 ms): each size's rounds spread evenly over 0-99 ms.
+            let spread = Duration::from_millis(
+                (u64::from(round - 1) * 100 / u64::from(args.rounds) + j as u64 * 37) % 100,
+            );
             services.push(Cold {
                 name: format!("cold-{n}-{round}"),
                 address: format!("127.0.0.1:{}", free_port()).parse()?,
