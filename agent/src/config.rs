@@ -8,6 +8,9 @@ use serde::Deserialize;
 /// The shortest and longest report intervals the agent accepts.
 pub const MIN_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+/// The smallest and largest per-connection hold buffers the agent accepts.
+pub const MIN_HOLD_BUFFER: usize = 1 << 10;
+pub const MAX_HOLD_BUFFER: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
@@ -52,6 +55,10 @@ pub struct Args {
     /// clients get 503 with Retry-After and others are closed.
     #[arg(long, env = "SURGE_HOLD_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub hold_timeout: Duration,
+    /// Bytes buffered per held connection, 1KiB to 64MiB; when full, the holder stops reading
+    /// and the client waits (its bytes stay in the kernel, none is dropped).
+    #[arg(long, env = "SURGE_HOLD_BUFFER", default_value = "64KiB", value_parser = crate::bytesize::parse)]
+    pub hold_buffer: usize,
     /// The cgroup v2 directory the programs attach to [default: the cgroup2 mount in /proc/mounts].
     #[arg(long, env = "SURGE_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -111,6 +118,7 @@ pub struct Settings {
     pub node: String,
     pub report_interval: Duration,
     pub hold_timeout: Duration,
+    pub hold_buffer: usize,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -174,11 +182,21 @@ impl Settings {
                 max: "10m".into(),
             });
         }
+        let hold_buffer = args.hold_buffer;
+        if !(MIN_HOLD_BUFFER..=MAX_HOLD_BUFFER).contains(&hold_buffer) {
+            return Err(ConfigError::OutOfRange {
+                field: "hold-buffer",
+                value: crate::bytesize::format(hold_buffer),
+                min: crate::bytesize::format(MIN_HOLD_BUFFER),
+                max: crate::bytesize::format(MAX_HOLD_BUFFER),
+            });
+        }
         Ok(Self {
             scaler,
             node,
             report_interval,
             hold_timeout,
+            hold_buffer,
         })
     }
 }
@@ -246,6 +264,30 @@ mod tests {
         assert!(
             text.starts_with("config file a.yaml: report_interval = \"soon\": expected number at 0 (examples: 500ms, 1s, 2m)"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn hold_buffer_defaults_and_is_bounded() {
+        let s = Settings::resolve(&args(&[]), None, "h").expect("valid");
+        assert_eq!(s.hold_buffer, 64 << 10);
+        let s = Settings::resolve(&args(&["--hold-buffer", "4KiB"]), None, "h").expect("valid");
+        assert_eq!(s.hold_buffer, 4096);
+        let err = Settings::resolve(&args(&["--hold-buffer", "512"]), None, "h").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "hold-buffer = 512B, must be between 1KiB and 64MiB"
+        );
+        let err = Settings::resolve(&args(&["--hold-buffer", "1GiB"]), None, "h").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "hold-buffer = 1GiB, must be between 1KiB and 64MiB"
+        );
+        let err = Args::try_parse_from(["surge-agent", "--hold-buffer", "big"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("\"big\": expected a size in bytes such as 65536, 64KiB or 1MiB"),
+            "{err}"
         );
     }
 

@@ -23,6 +23,25 @@ use tokio::{
     time::Instant,
 };
 
+pub mod waits;
+pub use waits::WaitHistogram;
+
+/// The accept queue of a holder's listener (the kernel caps it at net.core.somaxconn). A burst
+/// of cold clients arrives at once: with the usual 128, most of a burst of 1,000 would have
+/// their SYN dropped and retried a second later.
+pub const BACKLOG: u32 = 4096;
+
+/// A holder's listening socket on `addr`, with a deep accept queue.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Holder settings.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldConfig {
@@ -57,6 +76,9 @@ pub struct HoldStats {
     pub timeouts_total: AtomicU64,
     /// Sum of the time connections were held until forwarded, microseconds.
     pub held_micros_sum: AtomicU64,
+    /// How long every held connection waited (accept to forward, timeout or end), recorded
+    /// once per connection before `held_now` drops.
+    pub waits: WaitHistogram,
 }
 
 /// Why a held connection ended without being relayed.
@@ -119,6 +141,7 @@ impl Holder {
                     continue;
                 }
             };
+            let accepted = Instant::now();
             self.stats.held_total.fetch_add(1, Ordering::Relaxed);
             self.stats.held_now.fetch_add(1, Ordering::Relaxed);
             self.demand.notify_one();
@@ -129,8 +152,8 @@ impl Holder {
                 Arc::clone(&next),
             );
             tokio::spawn(async move {
-                let result = hold(client, backends, config, &stats, &next).await;
-                stats.held_now.fetch_sub(1, Ordering::Relaxed);
+                let result = hold(client, accepted, backends, config, &stats, &next).await;
+                stats.held_now.fetch_sub(1, Ordering::Release);
                 if let Err(e) = result {
                     tracing::debug!(client = %peer, error = %e, "held connection ended");
                 }
@@ -139,33 +162,52 @@ impl Holder {
     }
 }
 
-/// Serves one held connection: buffer until a replica is ready or the timeout, then relay.
+/// Serves one held connection: buffer until a replica is ready or the timeout, then relay. The
+/// wait is recorded once, however it ends.
 async fn hold(
     mut client: TcpStream,
-    mut backends: watch::Receiver<Vec<SocketAddr>>,
+    accepted: Instant,
+    backends: watch::Receiver<Vec<SocketAddr>>,
     config: HoldConfig,
     stats: &HoldStats,
     next: &AtomicUsize,
 ) -> Result<(), HoldError> {
-    let started = Instant::now();
+    let forwarded = forward(&mut client, accepted, backends, config, stats, next).await;
+    stats.waits.record(accepted.elapsed());
+    let mut upstream = forwarded?;
+    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(())
+}
+
+/// Buffers what the client sends until a replica is ready, connects there and writes the
+/// buffer; after the timeout, answers the client and gives up.
+async fn forward(
+    client: &mut TcpStream,
+    started: Instant,
+    mut backends: watch::Receiver<Vec<SocketAddr>>,
+    config: HoldConfig,
+    stats: &HoldStats,
+    next: &AtomicUsize,
+) -> Result<TcpStream, HoldError> {
     let deadline = started + config.timeout;
-    let mut buffer = Vec::with_capacity(config.buffer.min(16 * 1024));
-    let mut chunk = vec![0u8; 16 * 1024];
+    // Reads go straight into the buffer, which grows as bytes come (most requests fit in its
+    // first 4 KiB): a held connection costs what its client sent, not a fixed scratch area.
+    let mut buffer = Vec::with_capacity(config.buffer.min(4096));
     let mut client_done = false;
     let backend = loop {
         if let Some(addr) = pick(&backends.borrow_and_update(), next) {
             break addr;
         }
-        let room = config.buffer.saturating_sub(buffer.len()).min(chunk.len());
+        let room = config.buffer.saturating_sub(buffer.len());
+        if room > 0 && buffer.len() == buffer.capacity() {
+            buffer.reserve(room.min(16 * 1024));
+        }
         tokio::select! {
             // Read only while there is room: a full buffer leaves the bytes in the kernel and
             // the client's window closes (backpressure, nothing dropped).
-            n = client.read(&mut chunk[..room]), if room > 0 && !client_done => {
-                let n = n?;
-                if n == 0 {
+            n = read_at_most(client, &mut buffer, room), if room > 0 && !client_done => {
+                if n? == 0 {
                     client_done = true;
-                } else {
-                    buffer.extend_from_slice(&chunk[..n]);
                 }
             }
             changed = backends.changed() => {
@@ -175,7 +217,7 @@ async fn hold(
             }
             _ = tokio::time::sleep_until(deadline) => {
                 stats.timeouts_total.fetch_add(1, Ordering::Relaxed);
-                answer_timeout(&mut client, &buffer, config.retry_after).await;
+                answer_timeout(client, &buffer, config.retry_after).await;
                 return Err(HoldError::Timeout(config.timeout));
             }
         }
@@ -195,8 +237,12 @@ async fn hold(
     if client_done {
         upstream.shutdown().await?;
     }
-    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-    Ok(())
+    Ok(upstream)
+}
+
+/// Reads what the client sent, at most `room` bytes, onto the end of `buffer`.
+async fn read_at_most(client: &mut TcpStream, buffer: &mut Vec<u8>, room: usize) -> std::io::Result<usize> {
+    client.take(room as u64).read_buf(buffer).await
 }
 
 /// Round robin over the ready replicas.

@@ -10,7 +10,6 @@ use std::{
 
 use surge_proto::v1::{ServiceCounters, WatchSet};
 use tokio::{
-    net::TcpListener,
     sync::{watch, Notify},
     task::JoinHandle,
 };
@@ -59,8 +58,7 @@ impl Holders {
                 })
                 .collect();
             if !self.by_service.contains_key(&s.name) {
-                match TcpListener::bind("127.0.0.1:0")
-                    .await
+                match crate::holder::listen(SocketAddr::from(([127, 0, 0, 1], 0)))
                     .and_then(|l| Ok((l.local_addr()?.port(), l)))
                 {
                     Ok((port, listener)) => {
@@ -110,11 +108,13 @@ impl Holders {
         for c in services {
             if let Some(h) = self.by_service.get(&c.service) {
                 let s = &h.stats;
-                c.held_now = s.held_now.load(Ordering::Relaxed) as u64;
+                // Acquire: every connection no longer counted here has recorded its wait.
+                c.held_now = s.held_now.load(Ordering::Acquire) as u64;
                 c.held_total = s.held_total.load(Ordering::Relaxed);
                 c.hold_timeouts = s.timeouts_total.load(Ordering::Relaxed);
                 c.held_forwarded = s.forwarded_total.load(Ordering::Relaxed);
                 c.held_seconds_sum = s.held_micros_sum.load(Ordering::Relaxed) as f64 / 1e6;
+                (c.hold_duration_buckets, c.hold_duration_seconds_sum) = s.waits.snapshot();
             }
         }
     }

@@ -3,6 +3,7 @@
 pub mod attribution;
 pub mod backends;
 pub mod backoff;
+pub mod bytesize;
 pub mod cgroups;
 pub mod clock;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod holder;
 pub mod holding;
 pub mod k8s;
 pub mod kernel;
+pub mod limits;
 pub mod link;
 pub mod node;
 pub mod pods;

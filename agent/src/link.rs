@@ -61,6 +61,7 @@ pub async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut holders = Holders::new(HoldConfig {
         timeout: settings.hold_timeout,
+        buffer: settings.hold_buffer,
         ..HoldConfig::default()
     });
     let mut watching = Watching { scaler: None, local };

@@ -58,6 +58,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    match surge_agent::limits::raise_open_files() {
+        Ok((before, after)) => tracing::debug!(before, after, "open-file limit"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit; held connections may run out of descriptors")
+        }
+    }
     let env = preflight::check(
         &args.btf,
         args.cgroup_root.as_deref(),

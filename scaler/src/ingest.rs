@@ -24,6 +24,9 @@ pub struct Totals {
     pub connections_opened: u64,
     pub connections_closed: u64,
     pub tls_connections: u64,
+    /// How long held connections waited (latency bucket layout), and the sum of the waits.
+    pub hold_buckets: [u64; LATENCY_BUCKETS],
+    pub hold_seconds_sum: f64,
 }
 
 impl Default for Totals {
@@ -40,6 +43,8 @@ impl Default for Totals {
             connections_opened: 0,
             connections_closed: 0,
             tls_connections: 0,
+            hold_buckets: [0; LATENCY_BUCKETS],
+            hold_seconds_sum: 0.0,
         }
     }
 }
@@ -48,6 +53,10 @@ impl Totals {
     fn from_wire(c: &ServiceCounters) -> Self {
         let mut latency_buckets = [0; LATENCY_BUCKETS];
         for (dst, src) in latency_buckets.iter_mut().zip(&c.latency_buckets) {
+            *dst = *src;
+        }
+        let mut hold_buckets = [0; LATENCY_BUCKETS];
+        for (dst, src) in hold_buckets.iter_mut().zip(&c.hold_duration_buckets) {
             *dst = *src;
         }
         Self {
@@ -62,6 +71,8 @@ impl Totals {
             connections_opened: c.connections_opened,
             connections_closed: c.connections_closed,
             tls_connections: c.tls_connections,
+            hold_buckets,
+            hold_seconds_sum: c.hold_duration_seconds_sum,
         }
     }
 
@@ -79,6 +90,10 @@ impl Totals {
         self.connections_opened += o.connections_opened;
         self.connections_closed += o.connections_closed;
         self.tls_connections += o.tls_connections;
+        for (a, b) in self.hold_buckets.iter_mut().zip(&o.hold_buckets) {
+            *a += b;
+        }
+        self.hold_seconds_sum += o.hold_seconds_sum;
     }
 
     /// `self − earlier` for a later sample of the same instance (saturating: never negative).
@@ -202,6 +217,13 @@ pub struct ServiceFigures {
     pub active_connections: u64,
     /// Connections that started with a TLS handshake, whose requests cannot be seen.
     pub tls_connections_total: u64,
+    /// Held connections whose wait is over (handed to a replica, timed out or ended), summed
+    /// over every agent instance: the count of the hold-duration histogram.
+    pub hold_duration_count: u64,
+    pub hold_duration_seconds_sum: f64,
+    /// How long held connections waited, cumulative (surge_common::latency buckets).
+    #[serde(skip)]
+    pub hold_duration_buckets: Vec<u64>,
     /// False when the service carries TLS and no HTTP request was ever seen: its request figures
     /// are then unknown, not zero (the API shows them as null, /metrics leaves them out).
     pub requests_available: bool,
@@ -361,6 +383,9 @@ impl Ingest {
         f.connections_closed_total = total.connections_closed;
         f.active_connections = total.connections_opened.saturating_sub(total.connections_closed);
         f.tls_connections_total = total.tls_connections;
+        f.hold_duration_count = total.hold_buckets.iter().sum();
+        f.hold_duration_seconds_sum = total.hold_seconds_sum;
+        f.hold_duration_buckets = total.hold_buckets.to_vec();
         f.requests_available = total.tls_connections == 0 || total.requests > 0;
         Some(f)
     }

@@ -1,7 +1,8 @@
 //! /metrics in the Prometheus (OpenMetrics) text format, written by the prometheus-client library
 //! from a snapshot taken at scrape time (a collector: nothing is kept twice). Per service: requests,
-//! responses, rate, in-flight, concurrency, bytes, a latency histogram; the scaler's own health:
-//! agents connected, report age, reports and counter resets, consumers subscribed.
+//! responses, rate, in-flight, concurrency, bytes, a latency histogram, held connections and a
+//! hold-duration histogram; the scaler's own health: agents connected, report age, reports and
+//! counter resets, consumers subscribed.
 
 mod histogram;
 
@@ -234,6 +235,20 @@ impl Collector for ServiceCollector {
             MetricType::Counter,
             all.iter()
                 .map(|v| (svc(&v.name), ConstCounter::new(v.figures.hold_timeouts))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_hold_duration_seconds",
+            "How long held connections waited for a ready replica: from the agent's accept until \
+             handed to a replica, timed out, or ended.",
+            MetricType::Histogram,
+            all.iter().map(|v| {
+                let f = &v.figures;
+                (
+                    svc(&v.name),
+                    LatencyHistogram::from_kernel(&f.hold_duration_buckets, f.hold_duration_seconds_sum),
+                )
+            }),
         )?;
         family(
             &mut enc,

@@ -25,6 +25,9 @@ pub struct ServiceView {
     pub figures: ServiceFigures,
     /// Latency percentiles over the last report interval; null when no request finished in it.
     pub latency: Option<Percentiles>,
+    /// How long held connections waited for a ready replica (the cold-start delay clients
+    /// saw), over every hold so far; null when no connection was ever held.
+    pub hold_duration: Option<Percentiles>,
     /// The policy that decides its replicas, if any.
     pub policy: Option<String>,
     /// Replicas desired (by the last decision), asked for, and ready.
@@ -56,6 +59,9 @@ fn view(
     let latency = figures
         .as_ref()
         .and_then(|f| percentiles(&f.recent_latency_buckets));
+    let hold_duration = figures
+        .as_ref()
+        .and_then(|f| percentiles(&f.hold_duration_buckets));
     ServiceView {
         name: spec.name.clone(),
         mode: spec.mode,
@@ -66,6 +72,7 @@ fn view(
             ..Default::default()
         }),
         latency,
+        hold_duration,
         policy: spec.policy.clone(),
         replicas: control.replicas,
         last_decision: control.decisions.front().cloned(),

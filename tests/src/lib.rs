@@ -5,3 +5,9 @@ pub mod http_client;
 pub mod kernel_cost;
 pub mod kube_env;
 pub mod load;
+pub mod wrk;
+
+/// The sample service's gRPC echo protocol (`proto/echo.proto`).
+pub mod echo {
+    tonic::include_proto!("surge.sample.v1");
+}

@@ -9,9 +9,11 @@ use std::{
 };
 
 use surge_tests::{
+    echo::{echo_client::EchoClient, EchoRequest},
     harness::{bin, free_port, require_root, scratch, Agent, Scaler},
-    http_client::Connection,
+    http_client::{get_text, Connection},
 };
+use tonic::transport::Endpoint;
 
 const POLICY: &str = "policy:
   name: zero
@@ -24,7 +26,17 @@ const POLICY: &str = "policy:
     - {metric: rps, metricType: AverageValue, threshold: 100000}
 ";
 
-fn configure(dir: &Path, address: SocketAddr, startup: &str) -> Vec<String> {
+/// The scaler's flags for a service `name` at zero at `address`, whose replica (surge-sample with
+/// `sample_args`) starts listening `startup` after it is started. Every test has its own service
+/// name: a replica's cgroup is `surge/<service>/<replica>` on the machine, shared by scalers
+/// that run at the same time.
+fn configure(
+    dir: &Path,
+    name: &str,
+    address: SocketAddr,
+    startup: &str,
+    sample_args: &[&str],
+) -> Vec<String> {
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).expect("mkdir");
     std::fs::write(policies.join("zero.yaml"), POLICY).expect("policy");
@@ -33,18 +45,19 @@ fn configure(dir: &Path, address: SocketAddr, startup: &str) -> Vec<String> {
         &config,
         format!(
             "services:
-  - name: cold
+  - name: {name}
     actuator: local
     policy: zero
     replicas: 0
     local:
-      command: [{sample:?}, \"--listen\", \"{{addr}}\", \"--startup-delay\", \"{startup}\"]
+      command: [{sample:?}, \"--listen\", \"{{addr}}\", \"--startup-delay\", \"{startup}\"{extra}]
       service_address: \"{address}\"
       readiness: {{tcp: true}}
       drain_timeout: 2s
       grace_period: 1s
 ",
-            sample = bin("surge-sample").display().to_string()
+            sample = bin("surge-sample").display().to_string(),
+            extra = sample_args.iter().map(|a| format!(", {a:?}")).collect::<String>()
         ),
     )
     .expect("config");
@@ -58,14 +71,35 @@ fn configure(dir: &Path, address: SocketAddr, startup: &str) -> Vec<String> {
     ]
 }
 
+/// Once no connection is held: the hold-duration histogram counted every held connection exactly
+/// once, in the API and on /metrics, and every wait lasted at least the replica's 2 s start
+/// (within a bucket's width). Returns the number of held connections.
+fn hold_histogram_counts_every_hold(scaler: &Scaler, name: &str) -> u64 {
+    let v = scaler.wait_for(name, "no connection held", |v| v["held_connections"] == 0);
+    let held = v["held_total"].as_u64().expect("held_total");
+    assert_eq!(v["hold_duration_count"], held, "{v}");
+    let p50 = v["hold_duration"]["p50_ms"].as_f64().expect("hold p50");
+    let p99 = v["hold_duration"]["p99_ms"].as_f64().expect("hold p99");
+    assert!(p50 >= 1_900.0 && p99 >= p50, "{v}");
+    let (status, text) = get_text(scaler.http, "/metrics").expect("/metrics");
+    assert_eq!(status, 200);
+    let count = format!("surge_service_hold_duration_seconds_count{{service=\"{name}\"}} {held}");
+    let inf = format!("surge_service_hold_duration_seconds_bucket{{le=\"+Inf\",service=\"{name}\"}} {held}");
+    for line in [count, inf] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+    }
+    held
+}
+
 #[test]
 fn two_hundred_cold_clients_all_get_their_answer_and_warm_traffic_goes_direct() {
     require_root();
+    let name = "cold-http";
     let dir = scratch("zero");
     let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, address, "2s"));
+    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address, "2s", &[]));
     let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for("cold", "the agent's first report at zero", |v| {
+    scaler.wait_for(name, "the agent's first report at zero", |v| {
         v["reported"] == true && v["replicas"]["current"] == 0
     });
 
@@ -102,14 +136,16 @@ fn two_hundred_cold_clients_all_get_their_answer_and_warm_traffic_goes_direct() 
         "{:?}",
         started.elapsed()
     );
-    let v = scaler.service("cold");
+    let v = scaler.service(name);
     assert!(v["held_total"].as_u64() >= Some(200), "{v}");
     assert_eq!(v["hold_timeouts"], 0, "{v}");
 
     // Warm now: a new connection goes straight to the replica, which sees the client itself.
-    scaler.wait_for("cold", "the held connections are gone", |v| {
+    scaler.wait_for(name, "the held connections are gone", |v| {
         v["held_connections"] == 0
     });
+    let held = hold_histogram_counts_every_hold(&scaler, name);
+    assert!(held >= 200, "{held}");
     let mut c = Connection::open(address).expect("connect");
     let me = c.local_addr().expect("local addr");
     let reply = c.request("GET", "/whoami", &[], true).expect("whoami");
@@ -119,12 +155,12 @@ fn two_hundred_cold_clients_all_get_their_answer_and_warm_traffic_goes_direct() 
         me.to_string(),
         "the replica sees the client itself"
     );
-    let held_before = scaler.service("cold")["held_total"].as_u64();
+    let held_before = scaler.service(name)["held_total"].as_u64();
     let mut c = Connection::open(address).expect("connect");
     let _ = c.request("GET", "/", &[], true).expect("warm request");
     scaler.wait_reports(3);
     assert_eq!(
-        scaler.service("cold")["held_total"].as_u64(),
+        scaler.service(name)["held_total"].as_u64(),
         held_before,
         "a warm connection is not held"
     );
@@ -133,11 +169,12 @@ fn two_hundred_cold_clients_all_get_their_answer_and_warm_traffic_goes_direct() 
 #[test]
 fn a_client_held_past_the_timeout_gets_503_with_retry_after_and_the_next_one_succeeds() {
     require_root();
+    let name = "cold-timeout";
     let dir = scratch("zero-timeout");
     let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, address, "6s"));
+    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address, "6s", &[]));
     let _agent = Agent::start(&dir, &scaler.grpc_url(), &["--hold-timeout".into(), "2s".into()]);
-    scaler.wait_for("cold", "the agent's first report at zero", |v| {
+    scaler.wait_for(name, "the agent's first report at zero", |v| {
         v["reported"] == true && v["replicas"]["current"] == 0
     });
 
@@ -148,13 +185,127 @@ fn a_client_held_past_the_timeout_gets_503_with_retry_after_and_the_next_one_suc
         String::from_utf8_lossy(&reply.body),
         "no replica became ready in time\n"
     );
-    let v = scaler.wait_for("cold", "the timeout counted", |v| v["hold_timeouts"] == 1);
+    let v = scaler.wait_for(name, "the timeout counted", |v| v["hold_timeouts"] == 1);
     assert!(
         v["replicas"]["desired"].as_u64() >= Some(1),
         "the demand activated the service: {v}"
     );
 
-    scaler.wait_for("cold", "the replica ready", |v| v["replicas"]["ready"] == 1);
+    scaler.wait_for(name, "the replica ready", |v| v["replicas"]["ready"] == 1);
     let mut c = Connection::open(address).expect("connect");
     assert_eq!(c.request("GET", "/", &[], true).expect("answer").status, 200);
+    // The timed-out wait is in the histogram; the connection after readiness was not held.
+    assert_eq!(hold_histogram_counts_every_hold(&scaler, name), 1);
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// What call `id` sends: distinct for every call, so a mixed-up answer cannot pass.
+fn payload(id: u64) -> Vec<u8> {
+    format!("call {id:03};").repeat(64).into_bytes()
+}
+
+#[test]
+fn two_hundred_cold_grpc_calls_all_get_their_own_answer() {
+    require_root();
+    let name = "cold-grpc";
+    let dir = scratch("zero-grpc");
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let scaler = Scaler::start(
+        &dir,
+        free_port(),
+        &configure(&dir, name, address, "2s", &["--grpc"]),
+    );
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for(name, "the agent's first report at zero", |v| {
+        v["reported"] == true && v["replicas"]["current"] == 0
+    });
+
+    // 150 h2c connections made while the service is at zero; then 200 unary calls at once:
+    // 100 connections carry one call, 50 carry two multiplexed streams. tonic never retries.
+    let rt = runtime();
+    let outcomes = rt.block_on(async move {
+        let mut channels = Vec::new();
+        for _ in 0..150 {
+            let endpoint = Endpoint::from_shared(format!("http://{address}")).expect("endpoint");
+            channels.push(endpoint.connect().await.expect("connect to the service address"));
+        }
+        let calls: Vec<_> = (0..200u64)
+            .map(|id| {
+                let mut client = EchoClient::new(channels[id as usize % 150].clone());
+                tokio::spawn(async move {
+                    let reply = client
+                        .echo(EchoRequest {
+                            id,
+                            payload: payload(id),
+                        })
+                        .await
+                        .map_err(|status| format!("call {id}: {status}"))?
+                        .into_inner();
+                    if reply.id != id || reply.payload != payload(id) {
+                        return Err(format!("call {id} got the answer of call {}", reply.id));
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for c in calls {
+            outcomes.push(c.await.expect("call task"));
+        }
+        outcomes
+    });
+    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 200 calls failed: {failed:?}",
+        failed.len()
+    );
+    assert_eq!(outcomes.len(), 200);
+
+    // Every connection was made while the replica was still starting: all 150 were held.
+    let held = hold_histogram_counts_every_hold(&scaler, name);
+    assert_eq!(held, 150);
+    let v = scaler.service(name);
+    assert_eq!(v["hold_timeouts"], 0, "{v}");
+}
+
+#[test]
+fn a_request_body_larger_than_the_hold_buffer_arrives_intact() {
+    require_root();
+    let name = "cold-body";
+    let dir = scratch("zero-body");
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address, "2s", &[]));
+    // A 4 KiB buffer against a 6 MiB body: the holder stops reading after 4 KiB and the client
+    // waits with the rest until the replica is ready.
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &["--hold-buffer".into(), "4KiB".into()]);
+    scaler.wait_for(name, "the agent's first report at zero", |v| {
+        v["reported"] == true && v["replicas"]["current"] == 0
+    });
+    // Pseudo-random bytes (xorshift), so a dropped, repeated or reordered chunk shows.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let body: Vec<u8> = (0..6 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut c = Connection::open(address).expect("connect");
+    let reply = c.request("POST", "/mirror", &body, true).expect("mirrored");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), body.len());
+    let first_difference = reply.body.iter().zip(&body).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "the body changed on the way");
+    // The holder relays until the client closes too.
+    drop(c);
+    assert_eq!(hold_histogram_counts_every_hold(&scaler, name), 1);
 }

@@ -139,3 +139,43 @@ async fn many_clients_are_spread_over_replicas_and_all_answered() {
     assert_eq!(stats.forwarded_total.load(Ordering::Relaxed), 200);
     assert_eq!(stats.held_total.load(Ordering::Relaxed), 200);
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_wait_is_recorded_once_whether_forwarded_or_timed_out() {
+    use surge_common::latency::bucket_of;
+
+    let config = HoldConfig {
+        timeout: Duration::from_secs(20),
+        ..HoldConfig::default()
+    };
+    let (addr, backends, stats, demand) = holder(config).await;
+    // Forwarded after 3 s (the paused clock makes the wait exact).
+    let mut a = TcpStream::connect(addr).await.expect("connect");
+    a.write_all(b"hello").await.expect("write");
+    demand.notified().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    backends.send_replace(vec![echo_replica().await]);
+    let mut got = [0u8; 5];
+    a.read_exact(&mut got).await.expect("relayed");
+    assert_eq!(&got, b"hello");
+    assert_eq!(stats.waits.count(), 1, "recorded at forward, not at the end");
+    drop(a);
+
+    // Timed out after 20 s, on a holder with no replica.
+    let (addr, _none, stats_b, _) = holder(config).await;
+    let mut b = TcpStream::connect(addr).await.expect("connect");
+    b.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+    let mut response = String::new();
+    b.read_to_string(&mut response).await.expect("read");
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+
+    let (counts, sum) = stats.waits.snapshot();
+    assert_eq!(counts.iter().sum::<u64>(), 1);
+    assert_eq!(counts[bucket_of(3_000_000)], 1);
+    assert_eq!(sum, 3.0);
+    let (counts, sum) = stats_b.waits.snapshot();
+    assert_eq!(counts.iter().sum::<u64>(), 1);
+    assert_eq!(counts[bucket_of(20_000_000)], 1);
+    assert_eq!(sum, 20.0);
+    assert_eq!(stats_b.held_total.load(Ordering::Relaxed), 1);
+}

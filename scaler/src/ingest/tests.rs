@@ -173,3 +173,44 @@ fn report_lag_is_kept_per_node() {
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].report_lag_seconds, 0.25);
 }
+
+/// A report whose service held connections that waited `waits_us` (cumulative).
+fn holds(at_s: u64, waits_us: &[u64]) -> Report {
+    let mut r = report(at_s, &[("web", 0, 0.0)]);
+    let c = &mut r.services[0];
+    for &us in waits_us {
+        let b = surge_common::latency::bucket_of(us);
+        if c.hold_duration_buckets.len() <= b {
+            c.hold_duration_buckets.resize(b + 1, 0);
+        }
+        c.hold_duration_buckets[b] += 1;
+        c.hold_duration_seconds_sum += us as f64 / 1e6;
+    }
+    c.held_total = waits_us.len() as u64;
+    r
+}
+
+#[test]
+fn hold_durations_are_merged_over_nodes_and_carried_over_restarts() {
+    use surge_common::latency::bucket_of;
+
+    let mut i = Ingest::new(secs(10));
+    i.connected("a", 1, secs(0));
+    i.record("a", 1, &holds(10, &[2_000_000, 2_100_000]), secs(0));
+    i.connected("b", 2, secs(0));
+    i.record("b", 2, &holds(10, &[500]), secs(0));
+    let f = i.figures("web", secs(0)).expect("reported");
+    assert_eq!(f.hold_duration_count, 3);
+    assert!((f.hold_duration_seconds_sum - 4.1005).abs() < 1e-9);
+    assert_eq!(f.hold_duration_buckets.len(), LATENCY_BUCKETS);
+    assert_eq!(f.hold_duration_buckets[bucket_of(500)], 1);
+
+    // Node a's agent restarts: what it counted before stays, its new counts add.
+    i.connected("a", 3, secs(5));
+    i.record("a", 3, &holds(1, &[40_000]), secs(5));
+    let f = i.figures("web", secs(5)).expect("reported");
+    assert_eq!(f.hold_duration_count, 4);
+    assert_eq!(f.hold_duration_buckets[bucket_of(40_000)], 1);
+    assert_eq!(f.hold_duration_buckets[bucket_of(500)], 1);
+    assert!((f.hold_duration_seconds_sum - 4.1405).abs() < 1e-9);
+}

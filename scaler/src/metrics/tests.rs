@@ -155,3 +155,43 @@ fn replicas_decisions_and_held_connections_are_exposed() {
         "no replicas without a policy"
     );
 }
+
+#[test]
+fn hold_durations_are_a_histogram_and_percentiles_in_the_api() {
+    let s = shared();
+    let mut r = report(5);
+    let mut buckets = vec![0; LATENCY_BUCKETS];
+    buckets[bucket_of(2_000_000)] = 99; // 99 connections held 2 s
+    buckets[bucket_of(20_000_000)] = 1; // one held until the 20 s timeout
+    r.services[0].hold_duration_buckets = buckets;
+    r.services[0].hold_duration_seconds_sum = 99.0 * 2.0 + 20.0;
+    r.services[0].held_total = 100;
+    s.ingest().connected("n1", 1, Duration::from_secs(1));
+    s.ingest().record("n1", 1, &r, Duration::from_secs(1));
+    let text = encode(&registry(Arc::clone(&s))).expect("encodes");
+    for line in [
+        "# TYPE surge_service_hold_duration_seconds histogram",
+        "surge_service_hold_duration_seconds_count{service=\"web\"} 100",
+        "surge_service_hold_duration_seconds_sum{service=\"web\"} 218.0",
+        // 2 s lies in [1.966, 2.097) s; 20 s in [18.87, 20.97) s.
+        "surge_service_hold_duration_seconds_bucket{le=\"1.572864\",service=\"web\"} 0",
+        "surge_service_hold_duration_seconds_bucket{le=\"2.097152\",service=\"web\"} 99",
+        "surge_service_hold_duration_seconds_bucket{le=\"16.777216\",service=\"web\"} 99",
+        "surge_service_hold_duration_seconds_bucket{le=\"25.165824\",service=\"web\"} 100",
+        "surge_service_hold_duration_seconds_bucket{le=\"+Inf\",service=\"web\"} 100",
+        "surge_service_hold_duration_seconds_count{service=\"idle\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+    }
+    let json = serde_json::to_value(crate::view::snapshot(&s)).expect("json");
+    let web = &json["services"][0];
+    assert_eq!(web["hold_duration_count"], 100);
+    let p50 = web["hold_duration"]["p50_ms"].as_f64().expect("p50");
+    let p99 = web["hold_duration"]["p99_ms"].as_f64().expect("p99");
+    assert!((p50 - 2000.0).abs() / 2000.0 < 0.07, "{web}");
+    assert!((p99 - 2000.0).abs() / 2000.0 < 0.07, "{web}");
+    assert!(
+        json["services"][1]["hold_duration"].is_null(),
+        "never held: no percentiles"
+    );
+}

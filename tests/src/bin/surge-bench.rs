@@ -12,7 +12,6 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
@@ -21,6 +20,7 @@ use clap::Parser;
 use surge_tests::{
     harness::{bin, free_port, require_root, scratch, wait_listening, Proc, Sample, Scaler},
     kernel_cost::{self, ProgramCost},
+    wrk::{self, haproxy_config, median, WrkResult, WrkSpec},
 };
 
 #[derive(Parser, Clone)]
@@ -46,67 +46,15 @@ struct Args {
     haproxy: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct WrkResult {
-    rps: f64,
-    p99_ms: f64,
-    requests: u64,
-}
-
 fn run_wrk(args: &Args, addr: SocketAddr) -> anyhow::Result<WrkResult> {
-    let out = Command::new(&args.wrk)
-        .args([
-            format!("-t{}", args.threads),
-            format!("-c{}", args.connections),
-            format!("-d{}s", args.duration.as_secs().max(1)),
-            "--latency".into(),
-            format!("http://{addr}{}", args.path),
-        ])
-        .output()
-        .with_context(|| format!("running {}", args.wrk.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let mut r = WrkResult::default();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        match f.as_slice() {
-            ["Requests/sec:", v] => r.rps = v.parse()?,
-            ["99%", v] => r.p99_ms = millis(v)?,
-            [n, "requests", "in", ..] => r.requests = n.parse()?,
-            _ => {}
-        }
-    }
-    if text.contains("Non-2xx") || text.contains("Socket errors") {
-        bail!("wrk saw errors: {text}");
-    }
-    if r.rps == 0.0 {
-        bail!("no throughput in wrk's output: {text}");
-    }
-    Ok(r)
-}
-
-/// wrk's latency figures: `812.00us`, `1.21ms`, `2.00s`.
-fn millis(v: &str) -> anyhow::Result<f64> {
-    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
-        (n, 1e-3)
-    } else if let Some(n) = v.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = v.strip_suffix('s') {
-        (n, 1e3)
-    } else {
-        bail!("latency {v:?}")
+    let spec = WrkSpec {
+        wrk: &args.wrk,
+        threads: args.threads,
+        connections: args.connections,
+        duration: args.duration,
+        path: &args.path,
     };
-    Ok(num.parse::<f64>()? * scale)
-}
-
-fn haproxy_config(listen: SocketAddr, backend: SocketAddr) -> String {
-    format!(
-        "global\n  maxconn 4096\n\ndefaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n  \
-         timeout client 60s\n  timeout server 60s\n\nfrontend bench\n  bind {listen}\n  default_backend sample\n\n\
-         backend sample\n  server s1 {backend}\n"
-    )
+    Ok(wrk::run_wrk(&spec, addr)?)
 }
 
 /// CPU seconds of a process so far, every thread included (/proc/PID/schedstat, nanoseconds).
@@ -134,14 +82,6 @@ fn peak_rss(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map(|kb| kb * 1024)
         .unwrap_or(0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return 0.0;
-    }
-    v[v.len() / 2]
 }
 
 struct AgentRun {
