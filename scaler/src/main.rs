@@ -126,12 +126,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     // The control loop stops first, so nothing scales while the replicas stop.
-    let _ = tokio::time::timeout(Duration::from_secs(2), &mut control).await;
+    let control_done = tokio::time::timeout(Duration::from_secs(2), &mut control)
+        .await
+        .is_ok();
     local.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = grpc.await;
         let _ = web.await;
-        let _ = control.await;
+        // A finished JoinHandle must not be polled again.
+        if !control_done {
+            let _ = control.await;
+        }
         if let Some(k) = kubernetes {
             let _ = k.await;
         }

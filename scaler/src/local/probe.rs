@@ -13,22 +13,42 @@ use super::config::Readiness;
 /// How long one probe may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Why a probe failed: nothing listens yet, or something answered wrongly (or not at all).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The TCP connect failed: the replica does not listen (yet). Cheap to try again soon, and
+    /// nothing reached the replica, so no request was counted.
+    #[error("TCP connect to {addr}: {reason}")]
+    NotListening { addr: SocketAddr, reason: String },
+    /// Connected, but the answer was not a success (or did not come).
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Probes `addr`; the error says what failed, for the replica's status.
-pub async fn probe(addr: SocketAddr, how: &Readiness) -> Result<(), String> {
+pub async fn probe(addr: SocketAddr, how: &Readiness) -> Result<(), ProbeError> {
     timeout(PROBE_TIMEOUT, probe_inner(addr, how))
         .await
         .unwrap_or_else(|_| {
-            Err(format!(
+            Err(ProbeError::Failed(format!(
                 "no answer within {}",
                 humantime::format_duration(PROBE_TIMEOUT)
-            ))
+            )))
         })
 }
 
-async fn probe_inner(addr: SocketAddr, how: &Readiness) -> Result<(), String> {
+async fn probe_inner(addr: SocketAddr, how: &Readiness) -> Result<(), ProbeError> {
     let mut s = TcpStream::connect(addr)
         .await
-        .map_err(|e| format!("TCP connect to {addr}: {e}"))?;
+        .map_err(|e| ProbeError::NotListening {
+            addr,
+            reason: e.to_string(),
+        })?;
+    http_get(&mut s, addr, how).await.map_err(ProbeError::Failed)
+}
+
+/// The HTTP part of a probe, on a connected stream (nothing to do for a TCP probe).
+async fn http_get(s: &mut TcpStream, addr: SocketAddr, how: &Readiness) -> Result<(), String> {
     let Readiness::Http(path) = how else {
         return Ok(());
     };
@@ -84,7 +104,11 @@ mod tests {
         let addr = l.local_addr().expect("addr");
         drop(l);
         let e = probe(addr, &Readiness::Tcp).await.unwrap_err();
-        assert!(e.starts_with(&format!("TCP connect to {addr}:")), "{e}");
+        assert!(matches!(e, ProbeError::NotListening { .. }), "{e:?}");
+        assert!(
+            e.to_string().starts_with(&format!("TCP connect to {addr}:")),
+            "{e}"
+        );
     }
 
     #[tokio::test]
@@ -102,7 +126,7 @@ mod tests {
         assert_eq!(probe(addr, &Readiness::Http("/".into())).await, Ok(()));
         assert_eq!(
             probe(addr, &Readiness::Http("/health".into())).await,
-            Err("HTTP GET /health: status 500".into())
+            Err(ProbeError::Failed("HTTP GET /health: status 500".into()))
         );
     }
 }
