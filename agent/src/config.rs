@@ -64,6 +64,14 @@ pub struct Args {
     /// The mount table to read (for tests).
     #[arg(long, default_value = "/proc/mounts", hide = true)]
     pub mounts_file: PathBuf,
+    /// The bpffs directory where the load balancer's maps and connect hooks stay pinned, so an
+    /// agent restart never interrupts warm traffic; one directory per agent on a machine.
+    #[arg(long, env = "SURGE_BPF_PIN_DIR", default_value = crate::pins::DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+    /// Detach the pinned connect hooks, remove everything pinned under --bpf-pin-dir, and exit
+    /// (uninstall; the agent itself never removes them, so a restart changes nothing for clients).
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 /// The optional YAML file; unknown keys are errors so a typo never passes silently.
@@ -99,6 +107,8 @@ pub struct Settings {
     pub node: String,
     pub report_interval: Duration,
     pub hold_timeout: Duration,
+    /// Where the load balancer stays pinned (see pins.rs).
+    pub pin_dir: PathBuf,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -162,11 +172,13 @@ impl Settings {
                 max: "10m".into(),
             });
         }
+        let pin_dir = crate::pins::validate_pin_dir(&args.bpf_pin_dir)?;
         Ok(Self {
             scaler,
             node,
             report_interval,
             hold_timeout,
+            pin_dir,
         })
     }
 }
@@ -235,6 +247,23 @@ mod tests {
             text.starts_with("config file a.yaml: report_interval = \"soon\": expected number at 0 (examples: 500ms, 1s, 2m)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_pin_dir_must_be_an_absolute_directory_below_root() {
+        let s = Settings::resolve(&args(&[]), None, "h").expect("valid");
+        assert_eq!(s.pin_dir, PathBuf::from("/sys/fs/bpf/surge"));
+        for (bad, why) in [
+            ("surge", "must be an absolute path"),
+            (
+                "/",
+                "must be a directory below / (on a bpf filesystem), not / itself",
+            ),
+            ("/sys/fs/bpf/../surge", "must not contain `.` or `..` components"),
+        ] {
+            let err = Settings::resolve(&args(&["--bpf-pin-dir", bad]), None, "h").unwrap_err();
+            assert_eq!(err.to_string(), format!("bpf-pin-dir = {bad:?}: {why}"));
+        }
     }
 
     #[test]

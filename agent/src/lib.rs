@@ -11,5 +11,6 @@ pub mod holding;
 pub mod kernel;
 pub mod link;
 pub mod node;
+pub mod pins;
 pub mod preflight;
 pub mod report;
