@@ -1,9 +1,10 @@
 //! An agent restart changes nothing for warm clients: the load balancer's maps and connect hooks
 //! stay pinned in bpffs, so connections to the service address keep reaching the replicas while
 //! no agent runs, and a new agent takes over without a gap. Under continuous load (several
-//! clients, a new connection per request) the agent is killed (SIGKILL), stopped (SIGTERM), and
-//! replaced by one that cannot reuse the pinned maps (another layout version), and every
-//! request is answered; `surge-agent --cleanup` then leaves nothing pinned. Needs root (eBPF).
+//! clients, a new connection per request) the agent is killed (SIGKILL), stopped (SIGTERM),
+//! replaced by one started before the old one stops (a rolling update with surge), and replaced
+//! by one that cannot reuse the pinned maps (another layout version), and every request is
+//! answered; `surge-agent --cleanup` then leaves nothing pinned. Needs root (eBPF).
 
 use std::{
     collections::BTreeSet,
@@ -229,7 +230,7 @@ fn log_of(agent: &Agent) -> String {
 }
 
 #[test]
-fn warm_clients_never_notice_the_agent_restart_killed_stopped_or_upgraded() {
+fn warm_clients_never_notice_an_agent_restart_killed_stopped_surged_or_upgraded() {
     require_root();
     let dir = scratch("restart");
     let service = format!("rs{}", std::process::id());
@@ -272,16 +273,37 @@ fn warm_clients_never_notice_the_agent_restart_killed_stopped_or_upgraded() {
     load.wait_more(300, "after the takeover from a stopped agent");
     phases.push(("third agent", load.answered()));
 
-    // 3. A new agent whose map layout differs (the pinned maps look like another version's): it
+    // 3. A rolling update that starts the new agent before it stops the old one: the new one
+    //    waits for the directory's lock, then takes over.
+    let mut next = Agent::start_pinned(&dir, &url, &pin_dir, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log_of(&next).contains("another surge-agent holds the pin directory; waiting for it to exit") {
+        assert!(next.proc.is_running(), "{}", next.proc.log_tail());
+        assert!(Instant::now() < deadline, "{}", next.proc.log_tail());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    load.wait_more(300, "with the next agent waiting");
+    assert_eq!(
+        hooks(&pin_dir),
+        ["connect4-3", "connect6-3"],
+        "the waiting agent changed nothing"
+    );
+    agent.stop_keeping_pins(libc::SIGTERM);
+    handed_over(&pin_dir, 4, &mut next);
+    let agent = next;
+    load.wait_more(300, "after a start-first rolling update");
+    phases.push(("fourth agent, started first", load.answered()));
+
+    // 4. A new agent whose map layout differs (the pinned maps look like another version's): it
     //    starts with new maps, and the old hooks keep routing with the old ones until its watch
     //    set is in.
     agent.stop_keeping_pins(libc::SIGKILL);
     std::fs::rename(pin_dir.join("lb-v1"), pin_dir.join("lb-v0")).expect("rename on bpffs");
     load.wait_more(300, "with no agent and maps of another version");
     let mut agent = Agent::start_pinned(&dir, &url, &pin_dir, &[]);
-    handed_over(&pin_dir, 4, &mut agent);
+    handed_over(&pin_dir, 5, &mut agent);
     load.wait_more(300, "after the takeover with new maps");
-    phases.push(("fourth agent, new maps", load.answered()));
+    phases.push(("fifth agent, new maps", load.answered()));
     let log = log_of(&agent);
     assert!(
         log.contains("maps=Fresh") && log.contains("another layout version"),
