@@ -18,7 +18,9 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use surge_tests::harness::{bin, free_port, require_root, scratch, wait_listening, Proc, Sample, Scaler};
+use surge_tests::harness::{
+    bin, cleanup_pins, free_port, require_root, scratch, wait_listening, Agent, Proc, Sample, Scaler,
+};
 
 #[derive(Parser, Clone)]
 struct Args {
@@ -150,6 +152,7 @@ struct AgentRun {
 
 fn with_agent(args: &Args, dir: &Path, scaler: &Scaler, web: SocketAddr) -> anyhow::Result<AgentRun> {
     let before = scaler.service("web")["requests_total"].as_u64().unwrap_or(0);
+    let pin_dir = Agent::new_pin_dir();
     let agent = Proc::spawn(
         &format!("agent-{}", free_port()),
         &bin("surge-agent"),
@@ -158,6 +161,8 @@ fn with_agent(args: &Args, dir: &Path, scaler: &Scaler, web: SocketAddr) -> anyh
             scaler.grpc_url(),
             "--report-interval".into(),
             "1s".into(),
+            "--bpf-pin-dir".into(),
+            pin_dir.display().to_string(),
         ],
         dir,
     );
@@ -172,6 +177,7 @@ fn with_agent(args: &Args, dir: &Path, scaler: &Scaler, web: SocketAddr) -> anyh
     scaler.wait_reports(2);
     let after = scaler.service("web")["requests_total"].as_u64().unwrap_or(0);
     drop(agent);
+    cleanup_pins(&pin_dir);
     Ok(AgentRun {
         wrk,
         cpu_seconds: cpu1 - cpu0,
