@@ -199,7 +199,7 @@ impl PinDir {
             })?;
             match pinned_layout(&path) {
                 Ok(found) if found == want => usable += 1,
-                Ok(found) => problems.push(format!("{name} is a {found}, this agent needs a {want}")),
+                Ok(found) => problems.push(format!("{name}: pinned {found}; needed {want}")),
                 Err(e) => problems.push(format!("{name}: {e}")),
             }
         }

@@ -3,8 +3,8 @@
 //! no agent runs, and a new agent takes over without a gap. Under continuous load (several
 //! clients, a new connection per request) the agent is killed (SIGKILL), stopped (SIGTERM),
 //! replaced by one started before the old one stops (a rolling update with surge), and replaced
-//! by one that cannot reuse the pinned maps (another layout version), and every request is
-//! answered; `surge-agent --cleanup` then leaves nothing pinned. Needs root (eBPF).
+//! by ones that cannot reuse the pinned maps (another layout version, a mismatched layout), and
+//! every request is answered; `surge-agent --cleanup` then leaves nothing pinned. Needs root (eBPF).
 
 use std::{
     collections::BTreeSet,
@@ -313,6 +313,26 @@ fn warm_clients_never_notice_an_agent_restart_killed_stopped_surged_or_upgraded(
     assert!(
         !pin_dir.join("lb-v0").exists(),
         "the other version's maps are unpinned"
+    );
+
+    // 5. Maps of this version whose layout does not match (as if the version had not been
+    //    bumped): refused with the reason, and replaced the same way.
+    agent.stop_keeping_pins(libc::SIGKILL);
+    let maps = pin_dir.join("lb-v1");
+    std::fs::remove_file(maps.join("SERVICE_ADDRS")).expect("unpin");
+    std::fs::rename(maps.join("BACKENDS"), maps.join("SERVICE_ADDRS")).expect("rename on bpffs");
+    load.wait_more(300, "with no agent and mismatched maps");
+    let mut agent = Agent::start_pinned(&dir, &url, &pin_dir, &[]);
+    handed_over(&pin_dir, 6, &mut agent);
+    load.wait_more(300, "after the takeover from mismatched maps");
+    phases.push(("sixth agent, mismatched maps", load.answered()));
+    let log = log_of(&agent);
+    assert!(
+        log.contains("the pinned load-balancer maps cannot be reused")
+            && log.contains("SERVICE_ADDRS: pinned Array map, key 4 B, value 20 B")
+            && log.contains("maps=Fresh"),
+        "the mismatch was named:\n{}",
+        agent.proc.log_tail()
     );
     balanced(&scaler, &service);
 
