@@ -31,6 +31,8 @@ scaler=""; agent=""; loads=()
 cleanup() {
   for p in "${loads[@]}" $agent $scaler; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # The agent leaves its load balancer pinned for the next agent; the demo is over, so remove it.
+  [ -n "$agent" ] && "$BIN/surge-agent" --cleanup >>"$LOGS/agent.log" 2>&1 || true
 }
 trap cleanup EXIT
 

@@ -83,6 +83,14 @@ pub struct Args {
     /// The mount table to read (for tests).
     #[arg(long, default_value = "/proc/mounts", hide = true)]
     pub mounts_file: PathBuf,
+    /// The bpffs directory where the load balancer's maps and connect hooks stay pinned, so an
+    /// agent restart never interrupts warm traffic; one directory per agent on a machine.
+    #[arg(long, env = "SURGE_BPF_PIN_DIR", default_value = crate::pins::DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+    /// Detach the pinned connect hooks, remove everything pinned under --bpf-pin-dir, and exit
+    /// (uninstall; the agent itself never removes them, so a restart changes nothing for clients).
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 /// The optional YAML file; unknown keys are errors so a typo never passes silently.
@@ -119,6 +127,8 @@ pub struct Settings {
     pub report_interval: Duration,
     pub hold_timeout: Duration,
     pub hold_buffer: usize,
+    /// Where the load balancer stays pinned (see pins.rs).
+    pub pin_dir: PathBuf,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -191,12 +201,14 @@ impl Settings {
                 max: crate::bytesize::format(MAX_HOLD_BUFFER),
             });
         }
+        let pin_dir = crate::pins::validate_pin_dir(&args.bpf_pin_dir)?;
         Ok(Self {
             scaler,
             node,
             report_interval,
             hold_timeout,
             hold_buffer,
+            pin_dir,
         })
     }
 }
@@ -289,6 +301,23 @@ mod tests {
                 .contains("\"big\": expected a size in bytes such as 65536, 64KiB or 1MiB"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_pin_dir_must_be_an_absolute_directory_below_root() {
+        let s = Settings::resolve(&args(&[]), None, "h").expect("valid");
+        assert_eq!(s.pin_dir, PathBuf::from("/sys/fs/bpf/surge"));
+        for (bad, why) in [
+            ("surge", "must be an absolute path"),
+            (
+                "/",
+                "must be a directory below / (on a bpf filesystem), not / itself",
+            ),
+            ("/sys/fs/bpf/../surge", "must not contain `.` or `..` components"),
+        ] {
+            let err = Settings::resolve(&args(&["--bpf-pin-dir", bad]), None, "h").unwrap_err();
+            assert_eq!(err.to_string(), format!("bpf-pin-dir = {bad:?}: {why}"));
+        }
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! the cgroup v2 root, and reads and writes the maps. Every call is a short syscall; callers on
 //! the async runtime go through `spawn_blocking`.
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
@@ -36,6 +39,20 @@ pub enum KernelError {
     },
     #[error("cannot open the cgroup {path}: {source}")]
     Cgroup { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Pin(#[from] crate::pins::PinError),
+    #[error(
+        "eBPF program {name}: its link cannot be pinned (the kernel needs bpf_link, 5.7 or later): {source}"
+    )]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("cannot pin a connect hook at {path}: {source}")]
+    PinLink {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
 }
 
 /// The loaded and attached programs and the maps the agent uses. Dropping it detaches all.
@@ -50,6 +67,8 @@ pub struct KernelProbe {
     counters: PerCpuArray<MapData, ServiceCounters>,
     /// The connect-time load balancer (connect4/connect6) and its maps.
     pub balancer: crate::backends::Balancer,
+    /// The load balancer's pins, locked while this agent runs.
+    _pins: crate::pins::PinDir,
 }
 
 const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
@@ -60,13 +79,23 @@ const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
 impl KernelProbe {
     /// Loads the object with the kernel's BTF and attaches every program: cgroup_skb and
     /// sock_ops to `cgroup_root` (beside any other programs already there), the sched_switch
-    /// tracepoint.
-    pub fn load(btf_path: &Path, cgroup_root: &Path) -> Result<Self, KernelError> {
+    /// tracepoint, and the load balancer's connect hooks, whose maps and links stay pinned in
+    /// `pins` (taking over from a previous agent's, see pins.rs).
+    pub fn load(btf_path: &Path, cgroup_root: &Path, pins: crate::pins::PinDir) -> Result<Self, KernelError> {
         let btf = Btf::parse_file(btf_path, Default::default()).map_err(|source| KernelError::Btf {
             path: btf_path.display().to_string(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new().btf(Some(&btf)).load(EBPF_OBJECT)?;
+        let maps = pins.prepare_maps()?;
+        let map_paths = crate::pins::LB_MAPS.map(|name| (name, pins.map_path(name)));
+        let mut loader = EbpfLoader::new();
+        loader.btf(Some(&btf));
+        for (name, path) in &map_paths {
+            // Reused when pinned there (prepare_maps kept only maps of this layout), else
+            // created and pinned.
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         let cgroup = File::open(cgroup_root).map_err(|source| KernelError::Cgroup {
             path: cgroup_root.display().to_string(),
             source,
@@ -84,7 +113,7 @@ impl KernelProbe {
         sock_ops
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|source| KernelError::Program { name, source })?;
-        let balancer = crate::backends::Balancer::attach(&mut ebpf, &cgroup)?;
+        let balancer = crate::backends::Balancer::attach(&mut ebpf, &cgroup, &pins, &maps)?;
         let name = "surge_sched_switch";
         let switch: &mut RawTracePoint = loaded(&mut ebpf, name)?;
         switch
@@ -103,6 +132,7 @@ impl KernelProbe {
             cgroups,
             counters,
             balancer,
+            _pins: pins,
         })
     }
 

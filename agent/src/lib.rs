@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod limits;
 pub mod link;
 pub mod node;
+pub mod pins;
 pub mod pods;
 pub mod preflight;
 pub mod report;

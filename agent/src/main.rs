@@ -13,6 +13,7 @@ use surge_agent::{
     kernel::KernelProbe,
     link::{self, Instance},
     node::Node,
+    pins::{self, PinDir},
     preflight,
 };
 
@@ -46,6 +47,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
     let settings = Settings::resolve(&args, file_text.as_deref(), &hostname)?;
+    if args.cleanup {
+        let removed = pins::cleanup(&settings.pin_dir)?;
+        tracing::info!(dir = %settings.pin_dir.display(), links = removed.links, maps = removed.maps, "removed the pinned connect hooks and maps");
+        return Ok(());
+    }
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     let kubernetes = k8s::enabled(args.kubernetes.as_deref(), in_cluster)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -70,8 +76,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         &args.tracefs,
         &args.mounts_file,
     )?;
-    let probe = KernelProbe::load(&env.btf, &env.cgroup_root)?;
-    tracing::info!(cgroup = %env.cgroup_root.display(), node = %settings.node, "eBPF programs attached");
+    preflight::ensure_bpffs(&args.mounts_file)?;
+    let pins = PinDir::open(&settings.pin_dir)?;
+    let probe = KernelProbe::load(&env.btf, &env.cgroup_root, pins)?;
+    tracing::info!(cgroup = %env.cgroup_root.display(), node = %settings.node, pins = %settings.pin_dir.display(), "eBPF programs attached");
     let node = Arc::new(Mutex::new(Node::new(probe, env.cgroup_root.clone())));
 
     runtime.block_on(async move {

@@ -21,6 +21,43 @@ pub enum PreflightError {
     Tracefs { path: PathBuf, reason: String },
     #[error("cannot read the mount table {path}: {reason}")]
     Mounts { path: PathBuf, reason: String },
+    #[error("no bpf filesystem is mounted and mounting one at {path} failed: {reason} (mount it with `mount -t bpf bpffs /sys/fs/bpf`; the load balancer stays pinned there across agent restarts)")]
+    Bpffs { path: PathBuf, reason: String },
+}
+
+/// Where bpffs is mounted when no bpf filesystem is.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts bpffs at [`BPFFS`] unless a bpf filesystem is mounted already (the pin directory is
+/// then checked to be on one when it is opened).
+pub fn ensure_bpffs(mounts_file: &Path) -> Result<(), PreflightError> {
+    let mounts = std::fs::read_to_string(mounts_file).map_err(|e| PreflightError::Mounts {
+        path: mounts_file.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if find_mount(&mounts, "bpf").is_some() {
+        return Ok(());
+    }
+    let fail = |reason: String| PreflightError::Bpffs {
+        path: PathBuf::from(BPFFS),
+        reason,
+    };
+    let dir = CString::new(BPFFS).map_err(|e| fail(e.to_string()))?;
+    // SAFETY: valid C strings; bpffs takes no data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpffs".as_ptr(),
+            dir.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(fail(std::io::Error::last_os_error().to_string()));
+    }
+    tracing::info!(path = BPFFS, "mounted bpffs");
+    Ok(())
 }
 
 /// What the checks found and the agent uses.

@@ -263,25 +263,88 @@ impl Scaler {
     }
 }
 
-/// The agent, reporting every 100 ms.
+/// Where the test agents pin their load balancer: one directory per agent, named after the
+/// test process, so tests running at once never share one and a later run can tell what an
+/// earlier, killed run left.
+pub const TEST_PIN_ROOT: &str = "/sys/fs/bpf/surge-tests";
+
+/// The agent, reporting every 100 ms, with a pin directory of its own that is removed (with
+/// `surge-agent --cleanup`) when it is dropped.
 pub struct Agent {
     pub proc: Proc,
+    pub pin_dir: PathBuf,
+    cleanup_on_drop: bool,
 }
 
 impl Agent {
     pub fn start(dir: &Path, scaler_url: &str, extra: &[String]) -> Self {
+        Self::start_pinned(dir, scaler_url, &Self::new_pin_dir(), extra)
+    }
+
+    /// An agent with a given pin directory: started after another one with the same directory,
+    /// it takes over that agent's pinned load balancer.
+    pub fn start_pinned(dir: &Path, scaler_url: &str, pin_dir: &Path, extra: &[String]) -> Self {
         let mut args = vec![
             "--scaler".into(),
             scaler_url.to_string(),
             "--report-interval".into(),
             "100ms".into(),
+            "--bpf-pin-dir".into(),
+            pin_dir.display().to_string(),
         ];
         args.extend_from_slice(extra);
         let name = format!("agent-{}", free_port());
         Self {
             proc: Proc::spawn(&name, &bin("surge-agent"), &args, dir),
+            pin_dir: pin_dir.to_path_buf(),
+            cleanup_on_drop: true,
         }
     }
+
+    /// A fresh pin directory for this test process; first removes the ones left by test
+    /// processes that no longer run.
+    pub fn new_pin_dir() -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        if let Ok(entries) = std::fs::read_dir(TEST_PIN_ROOT) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let owner = name.split('-').next().unwrap_or_default();
+                if !Path::new("/proc").join(owner).exists() {
+                    let _ = cleanup_pins(&e.path());
+                }
+            }
+        }
+        Path::new(TEST_PIN_ROOT).join(format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    /// Stops the process with `signal` and leaves its pins for the next agent to take over.
+    pub fn stop_keeping_pins(mut self, signal: i32) {
+        self.cleanup_on_drop = false;
+        self.proc.stop_with(signal);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.proc.stop_with(libc::SIGTERM);
+        if self.cleanup_on_drop {
+            let (code, _, err) = cleanup_pins(&self.pin_dir);
+            if code != 0 {
+                eprintln!("surge-agent --cleanup {}: {err}", self.pin_dir.display());
+            }
+        }
+    }
+}
+
+/// `surge-agent --cleanup` for a pin directory: (exit code, stdout, stderr).
+pub fn cleanup_pins(pin_dir: &Path) -> (i32, String, String) {
+    let dir = pin_dir.display().to_string();
+    run_to_end(&bin("surge-agent"), &["--cleanup", "--bpf-pin-dir", &dir])
 }
 
 /// Runs a program to completion and returns (exit code, stdout, stderr).

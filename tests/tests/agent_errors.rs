@@ -142,6 +142,35 @@ fn bad_flags_and_files_name_the_field() {
 }
 
 #[test]
+fn a_pin_dir_that_is_not_usable_is_named_and_nothing_is_created() {
+    require_root();
+    let (code, err) = agent(&["--bpf-pin-dir", "surge"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (
+            1,
+            "surge-agent: bpf-pin-dir = \"surge\": must be an absolute path"
+        )
+    );
+    let dir = scratch("pin-dir-off-bpffs");
+    let off = dir.join("pins");
+    let off_arg = off.display().to_string();
+    let (code, err) = agent(&["--bpf-pin-dir", &off_arg]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "surge-agent: {off_arg} is not on a bpf filesystem: mount one with `mount -t bpf bpffs /sys/fs/bpf`, \
+             or pass --bpf-pin-dir with a directory on a bpffs mount"
+        )
+    );
+    assert!(!off.exists(), "nothing created off bpffs");
+    // The cleanup of a directory that does not exist has nothing to do.
+    let (code, err) = agent(&["--cleanup", "--bpf-pin-dir", &off_arg]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn the_scaler_rejects_bad_services_naming_the_field() {
     let (code, _out, err) = run_to_end(&bin("surge-scaler"), &["--observe", "web=127.0.0.1:99999"]);
     assert_eq!(code, 1, "{err}");

@@ -285,7 +285,7 @@ async fn paused_replicas_hold_and_delete_restores_the_original_count() {
 async fn the_manifests_and_examples_are_accepted_by_the_api_server() {
     let env = Env::new("surge-manifests", Flavor::Endpoints).await;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut files: Vec<_> = ["namespace", "rbac", "configmap", "scaler", "agent"]
+    let mut files: Vec<_> = ["namespace", "rbac", "configmap", "scaler", "agent", "cleanup"]
         .iter()
         .map(|f| root.join(format!("deploy/kubernetes/{f}.yaml")))
         .collect();

@@ -16,6 +16,10 @@ pub const MAX_CGROUPS: u32 = 16384;
 pub const MAX_BALANCED: u32 = 1024;
 /// How many ready backends one balanced service can have (the slots of `BACKENDS` per service).
 pub const MAX_BACKENDS: u32 = 64;
+/// The version of the load balancer's maps (`SERVICE_ADDRS`, `BACKENDS`, `Balanced`), which stay
+/// pinned across agent restarts: bump it whenever their layout or meaning changes, so a new agent
+/// never reuses maps it would misread.
+pub const LB_LAYOUT_VERSION: u32 = 1;
 
 /// `ConnState::flags`: the connection's first payload has been seen.
 pub const CONN_SEEN_PAYLOAD: u32 = 1;

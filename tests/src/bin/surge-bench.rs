@@ -18,7 +18,9 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Parser;
 use surge_tests::{
-    harness::{bin, free_port, require_root, scratch, wait_listening, Proc, Sample, Scaler},
+    harness::{
+        bin, cleanup_pins, free_port, require_root, scratch, wait_listening, Agent, Proc, Sample, Scaler,
+    },
     kernel_cost::{self, ProgramCost},
     wrk::{self, haproxy_config, median, WrkResult, WrkSpec},
 };
@@ -102,6 +104,7 @@ fn with_agent(
 ) -> anyhow::Result<AgentRun> {
     let before = scaler.service("web")["requests_total"].as_u64().unwrap_or(0);
     let programs_before = kernel_cost::program_ids();
+    let pin_dir = Agent::new_pin_dir();
     let agent = Proc::spawn(
         &format!("agent-{}", free_port()),
         &bin("surge-agent"),
@@ -110,6 +113,8 @@ fn with_agent(
             scaler.grpc_url(),
             "--report-interval".into(),
             "1s".into(),
+            "--bpf-pin-dir".into(),
+            pin_dir.display().to_string(),
         ],
         dir,
     );
@@ -132,6 +137,7 @@ fn with_agent(
     scaler.wait_reports(2);
     let after = scaler.service("web")["requests_total"].as_u64().unwrap_or(0);
     drop(agent);
+    cleanup_pins(&pin_dir);
     Ok(AgentRun {
         wrk,
         cpu_seconds: cpu1 - cpu0,
