@@ -11,7 +11,7 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use surge_common::{
     http::PREFIX_LEN,
-    stream::{Framer, Side, Starts, CHUNK},
+    stream::{Framer, HeadQueue, Side, Starts, CHUNK},
     ConnState, ServiceCounters, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD, CONN_TLS, START_SLOTS,
 };
 
@@ -135,9 +135,9 @@ fn on_payload(
     if skip == 0 && matches!(dir, Direction::Egress) && state.requests.is_h2() {
         state.responses.resync_h2();
     }
-    let framer = match dir {
-        Direction::Ingress => &mut state.requests,
-        Direction::Egress => &mut state.responses,
+    let (framer, heads) = match dir {
+        Direction::Ingress => (&mut state.requests, &mut state.heads),
+        Direction::Egress => (&mut state.responses, &mut state.heads),
     };
     let side = match dir {
         Direction::Ingress => Side::Requests,
@@ -146,6 +146,7 @@ fn on_payload(
     let starts = frame(
         ctx,
         framer,
+        heads,
         seg.payload_offset as u32 + skip,
         seg.payload_offset as u32 + len32,
         side,
@@ -183,7 +184,14 @@ struct FrameLoop {
 /// lives in the per-CPU FRAMING map rather than on the stack: the verifier does not track map
 /// contents, so every round looks the same to it and the callback is verified once.
 #[inline(always)]
-fn frame(ctx: &SkBuffContext, framer: &mut Framer, off: u32, end: u32, side: Side) -> Starts {
+fn frame(
+    ctx: &SkBuffContext,
+    framer: &mut Framer,
+    heads: &mut HeadQueue,
+    off: u32,
+    end: u32,
+    side: Side,
+) -> Starts {
     if framer.is_lost() {
         return Starts::default();
     }
@@ -203,6 +211,8 @@ fn frame(ctx: &SkBuffContext, framer: &mut Framer, off: u32, end: u32, side: Sid
     s.cursor.reset(off, end);
     s.starts.messages = 0;
     s.starts.interim = 0;
+    s.starts.heads.bits = heads.bits;
+    s.starts.heads.len = heads.len;
     s.side = slot;
     let mut l = FrameLoop {
         skb: ctx.skb.skb,
@@ -220,6 +230,7 @@ fn frame(ctx: &SkBuffContext, framer: &mut Framer, off: u32, end: u32, side: Sid
     if s.generation != generation {
         // Another program on this CPU used the slot meanwhile: this segment's framing is lost.
         framer.lose();
+        framer.settle_heads(side, heads);
         return Starts::default();
     }
     if rounds as u32 >= MAX_ROUNDS && !s.cursor.finished() {
@@ -227,6 +238,9 @@ fn frame(ctx: &SkBuffContext, framer: &mut Framer, off: u32, end: u32, side: Sid
         s.framer.lose();
     }
     copy_framer(framer, &s.framer);
+    s.framer.settle_heads(side, &mut s.starts.heads);
+    heads.bits = s.starts.heads.bits;
+    heads.len = s.starts.heads.len;
     s.starts
 }
 

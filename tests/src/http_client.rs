@@ -73,6 +73,15 @@ impl Connection {
 
     /// Reads one response (with a Content-Length body).
     pub fn read_response(&mut self) -> Result<Response, HttpError> {
+        self.read_response_to(false)
+    }
+
+    /// Reads the response to a HEAD request: headers (a Content-Length, maybe) and no body.
+    pub fn read_head_response(&mut self) -> Result<Response, HttpError> {
+        self.read_response_to(true)
+    }
+
+    fn read_response_to(&mut self, head: bool) -> Result<Response, HttpError> {
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
         let status = line
@@ -95,6 +104,12 @@ impl Connection {
                     length = v.trim().parse::<usize>().ok();
                 }
             }
+        }
+        if head {
+            return Ok(Response {
+                status,
+                body: Vec::new(),
+            });
         }
         let len = length.ok_or_else(|| HttpError::Malformed("no Content-Length".into()))?;
         let mut body = vec![0; len];

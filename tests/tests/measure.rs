@@ -347,6 +347,54 @@ fn chunked_request_bodies_count_once() {
     assert_eq!(v["in_flight"], 0, "{v}");
 }
 
+/// A HEAD response announces a body (Content-Length: 5000) that never comes: the framing must
+/// not skip the next response as if it were that body.
+#[test]
+fn head_requests_answered_with_a_content_length_are_counted_exactly() {
+    let rig = Rig::start("head");
+    let (head, get) = (
+        b"HEAD /bytes?n=5000 HTTP/1.1\r\nHost: t\r\n\r\n".as_slice(),
+        b"GET /bytes?n=5000 HTTP/1.1\r\nHost: t\r\n\r\n".as_slice(),
+    );
+    let mut c = Connection::open(rig.web.addr).expect("connect");
+    // One at a time, alternating.
+    let rounds = 50;
+    for _ in 0..rounds {
+        c.send_raw(head).expect("send");
+        assert_eq!(c.read_head_response().expect("HEAD answer").status, 200);
+        c.send_raw(get).expect("send");
+        let r = c.read_response().expect("GET answer");
+        assert_eq!((r.status, r.body.len()), (200, 5000));
+    }
+    // Pipelined: HEAD, HEAD, GET, HEAD, GET in one write, answered in order.
+    let order = [true, true, false, true, false];
+    let batches = 20;
+    for _ in 0..batches {
+        let mut batch = Vec::new();
+        for &is_head in &order {
+            batch.extend_from_slice(if is_head { head } else { get });
+        }
+        c.send_raw(&batch).expect("send");
+        for &is_head in &order {
+            let r = if is_head {
+                c.read_head_response()
+            } else {
+                c.read_response()
+            }
+            .expect("answer");
+            assert_eq!(r.status, 200);
+        }
+    }
+    // Counted while the connection is still open: a misframed response would leave a request
+    // in flight until the connection closes.
+    let total = (2 * rounds + order.len() * batches) as u64;
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), total, "{v}");
+    assert_eq!(count(&v, "responses_total"), total, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+    drop(c);
+}
+
 #[test]
 fn pipelined_requests_are_counted_one_by_one() {
     let rig = Rig::start("pipelining");

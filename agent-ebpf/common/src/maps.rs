@@ -97,6 +97,8 @@ pub struct ConnState {
     pub flags: u32,
     /// Explicit padding to a multiple of 8 bytes.
     pub _pad: u32,
+    /// Which open requests are HEAD (their responses have no body), oldest first.
+    pub heads: crate::stream::HeadQueue,
     /// HTTP/1 message framing of the client's bytes (requests) and the server's (responses).
     pub requests: Framer,
     pub responses: Framer,

@@ -73,13 +73,59 @@ pub enum Side {
     Responses,
 }
 
-/// Messages that started in the bytes fed.
+/// Messages that started in the bytes fed, and the connection's HEAD requests still waiting
+/// for their responses.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Starts {
     /// Requests (on the request side) or final responses (on the response side).
     pub messages: u32,
     /// Interim (1xx) responses.
     pub interim: u32,
+    /// Which open requests are HEAD, oldest first; carried between segments and between the
+    /// two directions by the caller (the kernel keeps it in the connection's state).
+    pub heads: HeadQueue,
+}
+
+/// A bit per open request, oldest first: 1 for a HEAD request, whose response has headers
+/// (a Content-Length, even) but never a body (RFC 9110 §9.3.2). The first 32 open requests are
+/// remembered; later ones count as not HEAD until older ones are answered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeadQueue {
+    pub bits: u32,
+    /// Open requests, also those beyond the 32 bits.
+    pub len: u32,
+}
+
+impl HeadQueue {
+    /// A request started.
+    #[inline(always)]
+    pub fn push(&mut self, head: bool) {
+        if head && self.len < 32 {
+            self.bits |= 1 << self.len;
+        }
+        self.len = self.len.saturating_add(1);
+    }
+
+    /// A final response started: whether it answers a HEAD request.
+    #[inline(always)]
+    pub fn pop(&mut self) -> bool {
+        if self.len == 0 {
+            return false;
+        }
+        let head = self.bits & 1 != 0;
+        self.bits >>= 1;
+        self.len -= 1;
+        head
+    }
+
+    /// The request stream was lost: which requests are open is no longer known.
+    #[inline(always)]
+    pub fn clear(&mut self) {
+        self.bits = 0;
+        self.len = 0;
+    }
 }
 
 const CONTENT_LENGTH: &[u8; 15] = b"content-length:";
@@ -338,10 +384,17 @@ impl Framer {
         let kind = classify(&self.head, if len > PREFIX_LEN { PREFIX_LEN } else { len });
         self.flags = 0;
         match (side, kind) {
-            (Side::Requests, SegmentStart::Request) => starts.messages += 1,
+            (Side::Requests, SegmentStart::Request) => {
+                starts.messages += 1;
+                let h = &self.head;
+                starts
+                    .heads
+                    .push(h[0] == b'H' && h[1] == b'E' && h[2] == b'A' && h[3] == b'D' && h[4] == b' ');
+            }
             (Side::Responses, SegmentStart::FinalResponse) => {
                 starts.messages += 1;
                 self.flags = F_RESPONSE;
+                let to_head = starts.heads.pop();
                 // 101 Switching Protocols: what follows is not HTTP/1.
                 if self.head[9] == b'1' {
                     self.flags |= F_TO_CLOSE;
@@ -349,6 +402,9 @@ impl Framer {
                     && self.head[10] == b'0'
                     && self.head[11] == b'4'
                 {
+                    self.flags |= F_NO_BODY;
+                }
+                if to_head {
                     self.flags |= F_NO_BODY;
                 }
             }
@@ -739,7 +795,22 @@ impl Framer {
     /// Feeds a whole segment the way the kernel does, `max_rounds` rounds at most (a segment
     /// that needs more loses the stream, like the kernel's bounded loop).
     pub fn feed(&mut self, data: &[u8], side: Side, max_rounds: usize) -> Starts {
-        let mut starts = Starts::default();
+        self.feed_carrying(data, side, max_rounds, &mut HeadQueue::default())
+    }
+
+    /// [`Framer::feed`] with the connection's HEAD requests carried in `heads`: the request
+    /// side adds to it, the response side takes from it.
+    pub fn feed_carrying(
+        &mut self,
+        data: &[u8],
+        side: Side,
+        max_rounds: usize,
+        heads: &mut HeadQueue,
+    ) -> Starts {
+        let mut starts = Starts {
+            heads: *heads,
+            ..Starts::default()
+        };
         let (p, len) = crate::http::prefix_of(data);
         self.resync(&p, len);
         let mut cur = Cursor::new(0, data.len() as u32);
@@ -758,7 +829,18 @@ impl Framer {
                 break;
             }
         }
+        self.settle_heads(side, &mut starts.heads);
+        *heads = starts.heads;
         starts
+    }
+
+    /// After a segment: a request stream that was given up forgets which open requests are
+    /// HEAD (their responses are then framed as if they had a body, as before the loss).
+    #[inline(always)]
+    pub fn settle_heads(&self, side: Side, heads: &mut HeadQueue) {
+        if side == Side::Requests && self.is_lost() {
+            heads.clear();
+        }
     }
 }
 

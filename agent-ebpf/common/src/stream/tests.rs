@@ -338,10 +338,93 @@ fn protocol_switches_and_unframed_responses_stop_counting() {
     assert!(f.is_h2());
 }
 
+/// Requests, some HEAD, then their responses on the same connection: a HEAD response's
+/// Content-Length announces a body that never comes, so the next response follows at once.
+fn head_case(seed: u64) {
+    let mut r = Rng(seed.wrapping_mul(0xD6E8_FEB8_6659_FD93) | 1);
+    let n = 1 + r.below(10) as u32;
+    let (mut requests, mut responses) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let req = if r.below(3) == 0 {
+            format!("HEAD /h{} HTTP/1.1\r\nHost: x\r\n\r\n", r.below(100)).into_bytes()
+        } else {
+            request(&mut r)
+        };
+        let len = 1 + r.below(5000);
+        responses.extend(format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").as_bytes());
+        if !req.starts_with(b"HEAD ") {
+            responses.extend(std::iter::repeat_n(b'x', len as usize));
+        }
+        requests.extend(req);
+    }
+    let mut heads = HeadQueue::default();
+    let (mut fq, mut fr) = (Framer::new(), Framer::new());
+    let (mut sent, mut answered) = (0, 0);
+    for seg in split(&mut r, &requests) {
+        sent += fq
+            .feed_carrying(seg, Side::Requests, MAX_ROUNDS, &mut heads)
+            .messages;
+    }
+    for seg in split(&mut r, &responses) {
+        answered += fr
+            .feed_carrying(seg, Side::Responses, MAX_ROUNDS, &mut heads)
+            .messages;
+    }
+    assert_eq!((sent, answered), (n, n), "seed {seed}");
+    assert_eq!(fr.phase, START, "seed {seed}: ends between responses");
+    assert_eq!(heads, HeadQueue::default(), "seed {seed}: every HEAD answered");
+}
+
+#[test]
+fn a_hundred_thousand_connections_with_head_requests_are_framed_exactly() {
+    for seed in 0..100_000 {
+        head_case(seed);
+    }
+}
+
+#[test]
+fn a_head_response_has_no_body_whatever_its_content_length() {
+    let mut heads = HeadQueue::default();
+    let mut q = Framer::new();
+    let sent = q.feed_carrying(
+        b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        Side::Requests,
+        MAX_ROUNDS,
+        &mut heads,
+    );
+    assert_eq!((sent.messages, heads.len, heads.bits), (2, 2, 0b01));
+    let mut f = Framer::new();
+    let got = f.feed_carrying(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        Side::Responses,
+        MAX_ROUNDS,
+        &mut heads,
+    );
+    assert_eq!(got.messages, 2);
+    assert_eq!(f.phase, START);
+    assert_eq!(heads, HeadQueue::default());
+}
+
+#[test]
+fn the_head_queue_keeps_order_beyond_its_32_bits() {
+    let mut q = HeadQueue::default();
+    for i in 0..40 {
+        q.push(i % 2 == 0);
+    }
+    // The first 32 are remembered; the 8 beyond count as not HEAD.
+    let popped: Vec<bool> = (0..40).map(|_| q.pop()).collect();
+    let expected: Vec<bool> = (0..40).map(|i| i < 32 && i % 2 == 0).collect();
+    assert_eq!(popped, expected);
+    assert!(!q.pop(), "an empty queue says no");
+}
+
 /// The byte-by-byte reference the kernel's rounds must equal: every byte through
 /// [`Framer::step`], bodies skipped by count.
-fn feed_bytewise(f: &mut Framer, data: &[u8], side: Side) -> Starts {
-    let mut starts = Starts::default();
+fn feed_bytewise(f: &mut Framer, data: &[u8], side: Side, heads: &mut HeadQueue) -> Starts {
+    let mut starts = Starts {
+        heads: *heads,
+        ..Starts::default()
+    };
     let (p, len) = crate::http::prefix_of(data);
     f.resync(&p, len);
     let mut i = 0;
@@ -353,6 +436,8 @@ fn feed_bytewise(f: &mut Framer, data: &[u8], side: Side) -> Starts {
             i += 1;
         }
     }
+    f.settle_heads(side, &mut starts.heads);
+    *heads = starts.heads;
     starts
 }
 
@@ -388,9 +473,10 @@ fn rounds_equal_bytewise_case(seed: u64) {
         };
     }
     let (mut rounds, mut bytewise) = (Framer::new(), Framer::new());
+    let (mut heads_a, mut heads_b) = (HeadQueue::default(), HeadQueue::default());
     for seg in split(&mut r, &stream) {
-        let a = rounds.feed(seg, side, usize::MAX);
-        let b = feed_bytewise(&mut bytewise, seg, side);
+        let a = rounds.feed_carrying(seg, side, usize::MAX, &mut heads_a);
+        let b = feed_bytewise(&mut bytewise, seg, side, &mut heads_b);
         assert_eq!(a, b, "seed {seed}: starts in a segment");
         assert_eq!(
             observable(&rounds),
