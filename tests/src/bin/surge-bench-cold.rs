@@ -334,8 +334,8 @@ fn main() -> anyhow::Result<()> {
     let mut services = Vec::new();
     for round in 1..=args.rounds {
         for (j, &n) in args.clients.iter().enumerate() {
-            // Readiness lands at a different point between two probes every time (the starting
-            // replica is probed every 100 ms): each size's rounds spread evenly over 0-99 ms.
+            // Readiness lands at a different point between two probes every time: each size's
+            // rounds spread the replica's listening instant evenly over 0-99 ms.
             let spread = Duration::from_millis(
                 (u64::from(round - 1) * 100 / u64::from(args.rounds) + j as u64 * 37) % 100,
             );
@@ -410,8 +410,8 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "  goal: ready→answer p99 ≤ 10 ms and 0 failures at 1000 clients. The starting replica is probed every \
-         100 ms: the probe lag is the scaler's, probe→answer is the path through the agent"
+        "  goal: ready→answer p99 ≤ 10 ms and 0 failures at 1000 clients. A starting replica is probed every \
+         10 ms until it listens: the probe lag is the scaler's, probe→answer is the path through the agent"
     );
     if let Some(pid) = agent.proc.pid() {
         println!(
