@@ -93,6 +93,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    // Replica cgroups live under this scaler's own directory: two scalers on one machine (each
+    // with its own gRPC port) never share, or kill, each other's replicas.
+    let instance = format!("grpc-{}", grpc_listener.local_addr()?.port());
     let grpc = tonic::transport::Server::builder()
         .add_service(AgentLinkServer::new(AgentLinkService::new(Arc::clone(&shared))))
         .add_service(MetricsServer::new(MetricsService::new(Arc::clone(&shared))))
@@ -106,7 +109,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let web = axum::serve(http_listener, http::router(Arc::clone(&shared)))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let prometheus = sources::Settings::from_env(&ProcessEnv, env.metric_provider, env.prometheus_endpoint)?;
-    let local = Arc::new(LocalActuator::start(Arc::clone(&shared), local_specs, &initial));
+    let local = Arc::new(LocalActuator::start(
+        Arc::clone(&shared),
+        local_specs,
+        &initial,
+        &instance,
+    ));
     let kubernetes = surge_scaler::k8s::spawn_from_env(
         |k| std::env::var(k).ok(),
         Arc::clone(&shared),

@@ -117,17 +117,31 @@ fn check(root: &Path, service: &str, v: &Value, n: usize) -> Result<Vec<(String,
             return Err(format!("node {node}'s kernel map {b:?} != replicas {addrs:?}"));
         }
     }
-    // One cgroup per replica, holding its process, and no other.
-    let dir = root.join("surge").join(service);
+    // One cgroup per replica, holding its process, and no other, all in this scaler's
+    // directory for the service (surge/grpc-<port>/<service>).
+    let cgroups: BTreeSet<String> = replicas
+        .iter()
+        .map(|r| r["cgroup"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let parents: BTreeSet<&str> = cgroups
+        .iter()
+        .filter_map(|c| c.rsplit_once('/').map(|(p, _)| p))
+        .collect();
+    let [parent] = parents.into_iter().collect::<Vec<_>>()[..] else {
+        return Err(format!("replica cgroups {cgroups:?} are not in one directory"));
+    };
+    let suffix = format!("/{service}");
+    if !(parent.starts_with("surge/grpc-") && parent.ends_with(&suffix)) {
+        return Err(format!(
+            "replica cgroup directory {parent} is not surge/grpc-<port>/{service}"
+        ));
+    }
+    let dir = root.join(parent);
     let dirs: BTreeSet<String> = std::fs::read_dir(&dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| format!("surge/{service}/{}", e.file_name().to_string_lossy()))
-        .collect();
-    let cgroups: BTreeSet<String> = replicas
-        .iter()
-        .map(|r| r["cgroup"].as_str().unwrap_or_default().to_string())
+        .map(|e| format!("{parent}/{}", e.file_name().to_string_lossy()))
         .collect();
     if dirs != cgroups {
         return Err(format!("cgroup dirs {dirs:?} != replicas' cgroups {cgroups:?}"));

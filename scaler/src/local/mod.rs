@@ -1,6 +1,7 @@
 //! The local actuator: a whole scaling system on one machine. Each replica of a service is a
-//! child process on a free loopback port, in its own cgroup (`surge/<service>/<replica>` under
-//! the cgroup v2 root, so the agent attributes its CPU), probed for readiness, restarted with
+//! child process on a free loopback port, in its own cgroup (`surge/grpc-<scaler's gRPC
+//! port>/<service>/<replica>` under the cgroup v2 root, so the agent attributes its CPU and two
+//! scalers on one machine never touch each other's replicas), probed for readiness, restarted with
 //! backoff when it dies. Clients connect to the service address; the agent's connect hook sends
 //! each connection to a ready replica (round robin), so no proxy is in the path. Scale-down
 //! drains: out of rotation first, connections finish (bounded), then SIGTERM, then SIGKILL.
@@ -270,6 +271,7 @@ impl LocalActuator {
         shared: Arc<Shared>,
         specs: BTreeMap<String, LocalSpec>,
         initial: &BTreeMap<String, u32>,
+        instance: &str,
     ) -> Self {
         let cgroup_root = std::fs::read_to_string("/proc/mounts")
             .ok()
@@ -280,7 +282,7 @@ impl LocalActuator {
         let mut services = BTreeMap::new();
         for (name, spec) in specs {
             let cgroup = cgroup_root.as_ref().and_then(|root| {
-                let rel = format!("surge/{name}");
+                let rel = format!("surge/{instance}/{name}");
                 let dir = root.join(&rel);
                 // Directories left by a scaler that died: empty ones go (busy ones stay).
                 if let Ok(entries) = std::fs::read_dir(&dir) {
@@ -317,6 +319,12 @@ impl LocalActuator {
         let all: Vec<_> = self.services.values().map(|s| s.shutdown()).collect();
         for f in all {
             f.await;
+        }
+        // This scaler's directory (surge/grpc-<port>), then surge/ itself, when empty.
+        for svc in self.services.values() {
+            if let Some(instance_dir) = svc.cgroup.as_ref().and_then(|(dir, _)| dir.parent()) {
+                let _ = std::fs::remove_dir(instance_dir);
+            }
         }
         if let Some(root) = &self.cgroup_root {
             let _ = std::fs::remove_dir(root.join("surge"));
