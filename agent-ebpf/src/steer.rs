@@ -3,19 +3,28 @@
 //! in the agent's network namespace steers them: when a TCP SYN's destination is a service address
 //! (or any address on a service's wildcard port) whose service has no ready backend and a holder,
 //! the kernel hands the connection to the holder's listening socket (`HOLDERS`, filled by the
-//! agent). Every other lookup leaves after a protocol check and one or two hash lookups; a warm
+//! agent). Every other lookup leaves after a protocol check and one bitmap read (`HELD_PORTS`); a warm
 //! service is never steered (outside clients then need a real listener, e.g. kube-proxy's).
 
-use aya_ebpf::{macros::map, maps::SockHash, programs::SkLookupContext};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, SockHash},
+    programs::SkLookupContext,
+};
 use core::ptr::{addr_of, read_volatile};
 
-use surge_common::{EndpointKey, MAX_BALANCED};
+use surge_common::{EndpointKey, MAX_BALANCED, WATCHED_PORT_WORDS};
 
 use crate::balance::SERVICE_ADDRS;
 
 /// The holders' listening sockets, by holder port (host byte order). Written by the agent.
 #[map(name = "HOLDERS")]
 pub static HOLDERS: SockHash<u32> = SockHash::with_max_entries(MAX_BALANCED, 0);
+
+/// Ports of the service addresses of held services, as a bitmap (bit `p & 63` of word `p >> 6`).
+/// Written by the agent.
+#[map(name = "HELD_PORTS")]
+pub static HELD_PORTS: Array<u64> = Array::with_max_entries(WATCHED_PORT_WORDS, 0);
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
@@ -35,6 +44,10 @@ pub fn lookup(ctx: &SkLookupContext) -> Option<()> {
     // The holders listen on 127.0.0.1: only IPv4 connections can be given to them.
     if protocol != IPPROTO_TCP || family != AF_INET || port > u16::MAX as u32 {
         return None;
+    }
+    match HELD_PORTS.get(port >> 6) {
+        Some(word) if word & (1u64 << (port & 63)) != 0 => {}
+        _ => return None,
     }
     let port = port as u16;
     // local_ip4 is in network byte order: its bytes in memory order are the octets.

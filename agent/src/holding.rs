@@ -105,6 +105,16 @@ impl Holders {
             }
         }
         let steering = &mut self.steering;
+        if let Some(s) = steering.as_mut() {
+            s.set_ports(
+                set.services
+                    .iter()
+                    .filter(|s| keep.contains(&s.name))
+                    .filter_map(|s| s.service_address.as_ref())
+                    .filter_map(|a| u16::try_from(a.port).ok())
+                    .collect(),
+            );
+        }
         self.by_service.retain(|name, h| {
             let kept = keep.contains(name);
             if !kept {

@@ -8,6 +8,7 @@
 //! other namespace is never sent to a loopback address, which there is another machine's.
 
 use std::{
+    collections::BTreeSet,
     fs::File,
     os::fd::{AsFd, AsRawFd},
 };
@@ -40,6 +41,9 @@ pub enum SteerError {
 /// The holders' socket map; the sk_lookup program stays attached while the `Ebpf` lives.
 pub struct Steering {
     holders: SockHash<MapData, u32>,
+    /// The bitmap of service ports the program looks further at, and the ports set in it.
+    held_ports: Array<MapData, u64>,
+    ports: BTreeSet<u16>,
 }
 
 impl Steering {
@@ -51,6 +55,22 @@ impl Steering {
                 tracing::warn!(port, error = %e, "cannot steer outside connections to the holder; only this host's are held")
             }
         }
+    }
+
+    /// Makes the program look further only at lookups for `ports` (the held services' ports);
+    /// every other lookup leaves after one bitmap read. Only the words that change are written.
+    pub fn set_ports(&mut self, ports: BTreeSet<u16>) {
+        let words: BTreeSet<u16> = self.ports.symmetric_difference(&ports).map(|p| p >> 6).collect();
+        for w in words {
+            let bits = ports
+                .range(w << 6..=(w << 6 | 63))
+                .fold(0u64, |acc, p| acc | 1 << (p & 63));
+            if let Err(e) = self.held_ports.set(w as u32, bits, 0) {
+                tracing::warn!(word = w, error = %e, "cannot write the held ports' bitmap");
+                return;
+            }
+        }
+        self.ports = ports;
     }
 
     /// Stops steering to `port` (the kernel also forgets a socket once it is closed).
@@ -87,8 +107,11 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<Steering, SteerError> {
             name: PROGRAM,
             source,
         })?;
-    let holders = take_map(ebpf, "HOLDERS")?;
-    Ok(Steering { holders })
+    Ok(Steering {
+        holders: take_map(ebpf, "HOLDERS")?,
+        held_ports: take_map(ebpf, "HELD_PORTS")?,
+        ports: BTreeSet::new(),
+    })
 }
 
 /// The cookie of the calling thread's network namespace.

@@ -56,18 +56,19 @@ struct Outside {
 }
 
 impl Outside {
-    fn create() -> Self {
+    /// `tag` (0 to 3) tells apart the namespaces of the tests of one process.
+    fn create(tag: u32) -> Self {
         let pid = std::process::id();
-        // A block per test process, so runs at the same time do not meet.
-        let block = pid % 16_384;
+        // A block per test, so tests running at the same time do not meet.
+        let block = (pid * 4 + tag) % 16_384;
         let base = u32::from(Ipv4Addr::new(10, 213, 0, 0)) + block * 4;
         let (host_ip, ns_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
         let this = Self {
-            name: format!("surge-outside-{pid}"),
-            host_veth: format!("sgo{pid:x}h"),
+            name: format!("surge-outside-{pid}-{tag}"),
+            host_veth: format!("sgo{pid:x}{tag}h"),
             host_ip,
         };
-        let ns_veth = format!("sgo{pid:x}n");
+        let ns_veth = format!("sgo{pid:x}{tag}n");
         let _ = ip(&["netns", "del", &this.name]);
         let _ = ip(&["link", "del", &this.host_veth]);
         let (host_cidr, ns_cidr) = (format!("{host_ip}/30"), format!("{ns_ip}/30"));
@@ -152,20 +153,9 @@ fn configure(dir: &Path, name: &str, address: SocketAddr) -> Vec<String> {
     ]
 }
 
-#[test]
-fn clients_in_another_namespace_are_held_at_zero_by_sk_lookup_and_all_answered() {
-    require_root();
-    let name = "cold-outside";
-    let dir = scratch("outside");
-    let outside = Outside::create();
-    let address = SocketAddr::new(outside.host_ip.into(), free_port());
-    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address));
-    let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for(name, "the agent's first report at zero", |v| {
-        v["reported"] == true && v["replicas"]["current"] == 0
-    });
-
-    // Nothing listens on the service address: only the holder, through sk_lookup, can answer.
+/// `CLIENTS` clients at once from the namespace, each posting its own body to `/mirror`: each
+/// gets its own body back.
+fn send_from_outside(outside: &Outside, address: SocketAddr, agent: &Agent) {
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
             outside.run(move || -> Result<(String, String), String> {
@@ -191,14 +181,36 @@ fn clients_in_another_namespace_are_held_at_zero_by_sk_lookup_and_all_answered()
         answered += 1;
     }
     assert_eq!(answered, CLIENTS);
+}
 
-    // Every one of them was held, none timed out, and each wait is in the histogram once.
+/// Waits until every hold is over and reported; then exactly `CLIENTS` were held, none timed out.
+fn every_client_held_once(scaler: &Scaler, name: &str) {
     let v = scaler.wait_for(name, "every hold reported and over", |v| {
         v["held_connections"] == 0 && v["held_total"].as_u64() >= Some(CLIENTS as u64)
     });
     assert_eq!(v["held_total"], CLIENTS as u64, "{v}");
     assert_eq!(v["hold_timeouts"], 0, "{v}");
     assert_eq!(v["hold_duration_count"], CLIENTS as u64, "{v}");
+}
+
+#[test]
+fn clients_in_another_namespace_are_held_at_zero_by_sk_lookup_and_all_answered() {
+    require_root();
+    let name = "cold-outside";
+    let dir = scratch("outside");
+    let outside = Outside::create(0);
+    let address = SocketAddr::new(outside.host_ip.into(), free_port());
+    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address));
+    let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for(name, "the agent's first report at zero", |v| {
+        v["reported"] == true && v["replicas"]["current"] == 0
+    });
+
+    // Nothing listens on the service address: only the holder, through sk_lookup, can answer.
+    send_from_outside(&outside, address, &agent);
+
+    // Every one of them was held, none timed out, and each wait is in the histogram once.
+    every_client_held_once(&scaler, name);
     scaler.wait_for(name, "the replica ready", |v| v["replicas"]["ready"] == 1);
 
     // Warm: the host's own clients go straight to the replica and are not held.
@@ -225,4 +237,27 @@ fn clients_in_another_namespace_are_held_at_zero_by_sk_lookup_and_all_answered()
         CLIENTS as u64,
         "no warm connection was held"
     );
+}
+
+#[test]
+fn after_the_agent_is_killed_a_new_agent_steers_outside_clients_to_its_own_holder() {
+    require_root();
+    let name = "cold-outside-restart";
+    let dir = scratch("outside-restart");
+    let outside = Outside::create(1);
+    let address = SocketAddr::new(outside.host_ip.into(), free_port());
+    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address));
+    let pin_dir = Agent::new_pin_dir();
+    let first = Agent::start_pinned(&dir, &scaler.grpc_url(), &pin_dir, &[]);
+    scaler.wait_for(name, "the first agent's report at zero", |v| {
+        v["reported"] == true && v["replicas"]["current"] == 0
+    });
+    // Killed: its sk_lookup link goes with its descriptors; the pinned connect hooks stay.
+    first.stop_keeping_pins(libc::SIGKILL);
+    let agent = Agent::start_pinned(&dir, &scaler.grpc_url(), &pin_dir, &[]);
+    scaler.wait_reports(3);
+    assert_eq!(scaler.service(name)["replicas"]["current"], 0);
+
+    send_from_outside(&outside, address, &agent);
+    every_client_held_once(&scaler, name);
 }
