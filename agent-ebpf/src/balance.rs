@@ -5,13 +5,18 @@
 //!
 //! Every connect is allowed (the programs return 1); an address that is not balanced is left
 //! alone, and a service with no ready backend is sent to the agent's holder (holder.rs), if any.
+//! A loopback destination (the holder, a replica on 127.0.0.1) is only used for sockets of the
+//! agent's own network namespace: from any other, the connect is left alone, and if it reaches
+//! this host, the sk_lookup program (steer.rs) gives it to the holder.
 
 use aya_ebpf::{
+    helpers::bpf_get_netns_cookie,
     macros::map,
     maps::{Array, HashMap},
     programs::SockAddrContext,
 };
 use core::{
+    ffi::c_void,
     intrinsics::{atomic_xadd, AtomicOrdering},
     ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
 };
@@ -25,6 +30,11 @@ pub static SERVICE_ADDRS: HashMap<EndpointKey, Balanced> = HashMap::with_max_ent
 /// Ready backends: service id × `MAX_BACKENDS` slots. Written by the agent.
 #[map(name = "BACKENDS")]
 pub static BACKENDS: Array<EndpointKey> = Array::with_max_entries(MAX_SERVICES * MAX_BACKENDS, 0);
+
+/// The network namespace cookie of the agent, whose loopback the holders listen on; 0: unknown
+/// (every namespace is taken for the agent's). Written by the agent.
+#[map(name = "AGENT_NETNS")]
+pub static AGENT_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 
 const SOCK_STREAM: u32 = 1;
 const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
@@ -56,6 +66,24 @@ fn pick(key: &EndpointKey) -> Option<EndpointKey> {
     BACKENDS.get(slot).copied()
 }
 
+/// Whether `to` is a loopback address the connecting socket cannot reach: its network namespace
+/// is not the agent's. The helper is only called for loopback destinations.
+#[inline(always)]
+fn unreachable_loopback(ctx: &SockAddrContext, to: &EndpointKey) -> bool {
+    let a = &to.addr;
+    let v4_loopback = a[..12] == V4_MAPPED_PREFIX && a[12] == 127;
+    let v6_loopback = a[..15] == [0; 15] && a[15] == 1;
+    if !v4_loopback && !v6_loopback {
+        return false;
+    }
+    let agent = match AGENT_NETNS.get(0) {
+        Some(c) if *c != 0 => *c,
+        _ => return false,
+    };
+    // SAFETY: connect programs may ask for the netns cookie of their socket's context.
+    unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) != agent }
+}
+
 #[inline(always)]
 pub fn connect4(ctx: &SockAddrContext) -> Option<()> {
     let sa = ctx.sock_addr;
@@ -73,7 +101,7 @@ pub fn connect4(ctx: &SockAddrContext) -> Option<()> {
     // Both are in network byte order: the address's bytes in memory order are its octets.
     let key = EndpointKey::v4(ip.to_ne_bytes(), u16::from_be(port as u16));
     let to = pick(&key)?;
-    if to.addr[..12] != V4_MAPPED_PREFIX {
+    if to.addr[..12] != V4_MAPPED_PREFIX || unreachable_loopback(ctx, &to) {
         return None;
     }
     let ip = u32::from_ne_bytes([to.addr[12], to.addr[13], to.addr[14], to.addr[15]]);
@@ -111,6 +139,9 @@ pub fn connect6(ctx: &SockAddrContext) -> Option<()> {
     // IPv4 addresses are keyed v4-mapped, so a dual-stack socket connecting to
     // ::ffff:a.b.c.d finds an IPv4 service address too.
     let to = pick(&EndpointKey::new(addr, u16::from_be(port as u16)))?;
+    if unreachable_loopback(ctx, &to) {
+        return None;
+    }
     let a = to.addr;
     // SAFETY: connect6 programs may write user_ip6 and user_port.
     unsafe {

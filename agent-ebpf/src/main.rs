@@ -4,7 +4,9 @@
 //! - `sock_ops` sees connections of those endpoints open and close (connections.rs);
 //! - the `sched_switch` raw tracepoint charges CPU time to watched cgroups (cpu.rs);
 //! - `cgroup_sock_addr` connect4/connect6 balance connections to service addresses over ready
-//!   replicas (balance.rs).
+//!   replicas (balance.rs);
+//! - `sk_lookup` in the agent's network namespace gives connections from outside to a held
+//!   service address to the agent's holder (steer.rs).
 //!
 //! They keep cumulative per-service counters the agent reads; this side never allocates or blocks.
 #![no_std]
@@ -19,10 +21,11 @@ mod cpu;
 mod http1;
 mod maps;
 mod packet;
+mod steer;
 
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock_addr, raw_tracepoint, sock_ops},
-    programs::{RawTracePointContext, SkBuffContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock_addr, raw_tracepoint, sk_lookup, sock_ops},
+    programs::{RawTracePointContext, SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 
 use crate::packet::Direction;
@@ -58,6 +61,13 @@ pub fn surge_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn surge_connect6(ctx: SockAddrContext) -> i32 {
     let _ = balance::connect6(&ctx);
+    1
+}
+
+/// sk_lookup programs return SK_PASS (1): the lookup goes on, with the socket assigned, if any.
+#[sk_lookup]
+pub fn surge_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let _ = steer::lookup(&ctx);
     1
 }
 

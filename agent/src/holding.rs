@@ -1,6 +1,8 @@
 //! One holder per balanced service (holder.rs), kept in step with the watch set: started when a
 //! service gets a service address, told its ready replicas whenever they change, stopped when
 //! the service goes. Holders live across scaler reconnections, so held clients keep waiting.
+//! Each holder's listener is also in the sk_lookup program's socket map (steer.rs), so
+//! connections from outside the host to a service at zero are held too.
 
 use std::{
     collections::HashMap,
@@ -14,7 +16,10 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::holder::{HoldConfig, HoldStats, Holder};
+use crate::{
+    holder::{HoldConfig, HoldStats, Holder},
+    steer::Steering,
+};
 
 struct Held {
     port: u16,
@@ -28,14 +33,17 @@ pub struct Holders {
     /// Told when any holder accepts a connection: the agent then reports at once.
     demand: Arc<Notify>,
     by_service: HashMap<String, Held>,
+    /// Where connections from outside are steered; none when sk_lookup is not attached.
+    steering: Option<Steering>,
 }
 
 impl Holders {
-    pub fn new(config: HoldConfig) -> Self {
+    pub fn new(config: HoldConfig, steering: Option<Steering>) -> Self {
         Self {
             config,
             demand: Arc::new(Notify::new()),
             by_service: HashMap::new(),
+            steering,
         }
     }
 
@@ -62,6 +70,9 @@ impl Holders {
                     .and_then(|l| Ok((l.local_addr()?.port(), l)))
                 {
                     Ok((port, listener)) => {
+                        if let Some(steering) = &mut self.steering {
+                            steering.hold(port, &listener);
+                        }
                         let (tx, rx) = watch::channel(backends.clone());
                         let holder = Holder::new(listener, rx, self.config, Arc::clone(&self.demand));
                         let stats = holder.stats();
@@ -93,9 +104,23 @@ impl Holders {
                 keep.push(s.name.clone());
             }
         }
+        let steering = &mut self.steering;
+        if let Some(s) = steering.as_mut() {
+            s.set_ports(
+                set.services
+                    .iter()
+                    .filter(|s| keep.contains(&s.name))
+                    .filter_map(|s| s.service_address.as_ref())
+                    .filter_map(|a| u16::try_from(a.port).ok())
+                    .collect(),
+            );
+        }
         self.by_service.retain(|name, h| {
             let kept = keep.contains(name);
             if !kept {
+                if let Some(s) = steering.as_mut() {
+                    s.release(h.port);
+                }
                 h.task.abort();
             }
             kept

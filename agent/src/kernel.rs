@@ -9,7 +9,9 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, RawTracePoint, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, RawTracePoint, SkLookup, SockOps,
+    },
     Btf, Ebpf, EbpfLoader,
 };
 use surge_common::{EndpointKey, ServiceCounters};
@@ -69,6 +71,8 @@ pub struct KernelProbe {
     pub balancer: crate::backends::Balancer,
     /// The load balancer's pins, locked while this agent runs.
     _pins: crate::pins::PinDir,
+    /// The holders' socket map of the sk_lookup program, until the holders take it.
+    pub steering: Option<crate::steer::Steering>,
 }
 
 const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
@@ -113,6 +117,16 @@ impl KernelProbe {
         sock_ops
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|source| KernelError::Program { name, source })?;
+        if let Err(e) = crate::steer::tell_netns(&mut ebpf) {
+            tracing::warn!(error = %e, "the connect hooks cannot tell the agent's network namespace from others: sockets of other namespaces may be sent to this one's loopback");
+        }
+        let steering = match crate::steer::attach(&mut ebpf) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "sk_lookup not attached: connections from outside this host to a service at zero are not held");
+                None
+            }
+        };
         let balancer = crate::backends::Balancer::attach(&mut ebpf, &cgroup, &pins, &maps)?;
         let name = "surge_sched_switch";
         let switch: &mut RawTracePoint = loaded(&mut ebpf, name)?;
@@ -133,6 +147,7 @@ impl KernelProbe {
             counters,
             balancer,
             _pins: pins,
+            steering,
         })
     }
 
@@ -268,7 +283,7 @@ macro_rules! program_load {
         }
     )*};
 }
-program_load!(CgroupSkb, CgroupSockAddr, SockOps, RawTracePoint);
+program_load!(CgroupSkb, CgroupSockAddr, SockOps, RawTracePoint, SkLookup);
 
 pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where

@@ -18,3 +18,4 @@ pub mod pins;
 pub mod pods;
 pub mod preflight;
 pub mod report;
+pub mod steer;

@@ -59,11 +59,15 @@ pub async fn run(
     local: LocalPods,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let mut holders = Holders::new(HoldConfig {
-        timeout: settings.hold_timeout,
-        buffer: settings.hold_buffer,
-        ..HoldConfig::default()
-    });
+    let steering = node.lock().ok().and_then(|mut n| n.take_steering());
+    let mut holders = Holders::new(
+        HoldConfig {
+            timeout: settings.hold_timeout,
+            buffer: settings.hold_buffer,
+            ..HoldConfig::default()
+        },
+        steering,
+    );
     let mut watching = Watching { scaler: None, local };
     loop {
         tokio::select! {

@@ -44,6 +44,11 @@ impl Node {
         }
     }
 
+    /// The sk_lookup program's socket map, for the holders (once).
+    pub fn take_steering(&mut self) -> Option<crate::steer::Steering> {
+        self.probe.steering.take()
+    }
+
     /// Makes the kernel watch exactly `set`. An invalid set is rejected whole and the previous
     /// one stays in force.
     /// `holder_ports`: the agent's holder port of each balanced service (see holding.rs).
