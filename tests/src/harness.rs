@@ -360,3 +360,64 @@ pub fn run_to_end(program: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// One `actuator: local` service whose replicas are surge-sample, as the end-to-end tests
+/// declare it: written with its policy into `dir` by [`LocalService::scaler_flags`].
+pub struct LocalService<'a> {
+    pub name: &'a str,
+    /// Where clients connect (the connect hook's service address).
+    pub address: SocketAddr,
+    /// The policy's name and its YAML.
+    pub policy: (&'a str, &'a str),
+    /// Replicas at start.
+    pub replicas: u32,
+    /// surge-sample's flags after `--listen {addr}`.
+    pub sample_args: &'a [&'a str],
+    /// The `readiness:` value, e.g. `{tcp: true}`.
+    pub readiness: &'a str,
+    /// Further `local:` settings, one `key: value` per line.
+    pub local_extra: &'a [&'a str],
+}
+
+impl LocalService<'_> {
+    /// Writes the service's config file and policy directory; returns the scaler's flags for
+    /// them (with a 200 ms tick).
+    pub fn scaler_flags(&self, dir: &Path) -> Vec<String> {
+        let policies = dir.join("policies");
+        std::fs::create_dir_all(&policies).expect("mkdir");
+        let (policy, yaml) = self.policy;
+        std::fs::write(policies.join(format!("{policy}.yaml")), yaml).expect("policy");
+        let sample = bin("surge-sample").display().to_string();
+        let args: String = self.sample_args.iter().map(|a| format!(", {a:?}")).collect();
+        let extra: String = self.local_extra.iter().map(|l| format!("      {l}\n")).collect();
+        let config = dir.join("surge.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "services:
+  - name: {name}
+    actuator: local
+    policy: {policy}
+    replicas: {replicas}
+    local:
+      command: [{sample:?}, \"--listen\", \"{{addr}}\"{args}]
+      service_address: \"{address}\"
+      readiness: {readiness}
+{extra}",
+                name = self.name,
+                replicas = self.replicas,
+                address = self.address,
+                readiness = self.readiness,
+            ),
+        )
+        .expect("config");
+        vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--policy-dir".into(),
+            policies.display().to_string(),
+            "--tick".into(),
+            "200ms".into(),
+        ]
+    }
+}

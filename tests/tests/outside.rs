@@ -13,7 +13,7 @@ use std::{
 };
 
 use surge_tests::{
-    harness::{bin, free_port, require_root, scratch, Agent, Scaler},
+    harness::{free_port, require_root, scratch, Agent, LocalService, Scaler},
     http_client::Connection,
 };
 
@@ -120,37 +120,16 @@ impl Drop for Outside {
 }
 
 fn configure(dir: &Path, name: &str, address: SocketAddr) -> Vec<String> {
-    let policies = dir.join("policies");
-    std::fs::create_dir_all(&policies).expect("mkdir");
-    std::fs::write(policies.join("zero.yaml"), POLICY).expect("policy");
-    let config = dir.join("surge.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "services:
-  - name: {name}
-    actuator: local
-    policy: zero
-    replicas: 0
-    local:
-      command: [{sample:?}, \"--listen\", \"{{addr}}\", \"--startup-delay\", \"1s\"]
-      service_address: \"{address}\"
-      readiness: {{tcp: true}}
-      drain_timeout: 2s
-      grace_period: 1s
-",
-            sample = bin("surge-sample").display().to_string(),
-        ),
-    )
-    .expect("config");
-    vec![
-        "--config".into(),
-        config.display().to_string(),
-        "--policy-dir".into(),
-        policies.display().to_string(),
-        "--tick".into(),
-        "200ms".into(),
-    ]
+    LocalService {
+        name,
+        address,
+        policy: ("zero", POLICY),
+        replicas: 0,
+        sample_args: &["--startup-delay", "1s"],
+        readiness: "{tcp: true}",
+        local_extra: &["drain_timeout: 2s", "grace_period: 1s"],
+    }
+    .scaler_flags(dir)
 }
 
 /// `CLIENTS` clients at once from the namespace, each posting its own body to `/mirror`: each

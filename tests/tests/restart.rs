@@ -20,7 +20,7 @@ use std::{
 
 use serde_json::Value;
 use surge_tests::{
-    harness::{bin, cleanup_pins, free_port, require_root, scratch, Agent, Scaler},
+    harness::{cleanup_pins, free_port, require_root, scratch, Agent, LocalService, Scaler},
     http_client::{get_text, Connection},
 };
 
@@ -35,35 +35,16 @@ const POLICY: &str = "policy:
 ";
 
 fn configure(dir: &Path, service: &str, address: SocketAddr) -> Vec<String> {
-    let policies = dir.join("policies");
-    std::fs::create_dir_all(&policies).expect("mkdir");
-    std::fs::write(policies.join("fixed.yaml"), POLICY).expect("policy");
-    let config = dir.join("surge.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "services:
-  - name: {service}
-    actuator: local
-    policy: fixed
-    replicas: 2
-    local:
-      command: [{sample:?}, \"--listen\", \"{{addr}}\"]
-      service_address: \"{address}\"
-      readiness: {{http: \"/\"}}
-",
-            sample = bin("surge-sample").display().to_string()
-        ),
-    )
-    .expect("config");
-    vec![
-        "--config".into(),
-        config.display().to_string(),
-        "--policy-dir".into(),
-        policies.display().to_string(),
-        "--tick".into(),
-        "200ms".into(),
-    ]
+    LocalService {
+        name: service,
+        address,
+        policy: ("fixed", POLICY),
+        replicas: 2,
+        sample_args: &[],
+        readiness: "{http: \"/\"}",
+        local_extra: &[],
+    }
+    .scaler_flags(dir)
 }
 
 /// Waits until the service has two ready replicas and the node's kernel map holds exactly them.

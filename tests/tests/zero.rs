@@ -10,7 +10,7 @@ use std::{
 
 use surge_tests::{
     echo::{echo_client::EchoClient, EchoRequest},
-    harness::{bin, free_port, require_root, scratch, Agent, Scaler},
+    harness::{free_port, require_root, scratch, Agent, LocalService, Scaler},
     http_client::{get_text, Connection},
 };
 use tonic::transport::Endpoint;
@@ -27,9 +27,7 @@ const POLICY: &str = "policy:
 ";
 
 /// The scaler's flags for a service `name` at zero at `address`, whose replica (surge-sample with
-/// `sample_args`) starts listening `startup` after it is started. Every test has its own service
-/// name: a replica's cgroup is `surge/<service>/<replica>` on the machine, shared by scalers
-/// that run at the same time.
+/// `sample_args`) starts listening `startup` after it is started.
 fn configure(
     dir: &Path,
     name: &str,
@@ -37,38 +35,18 @@ fn configure(
     startup: &str,
     sample_args: &[&str],
 ) -> Vec<String> {
-    let policies = dir.join("policies");
-    std::fs::create_dir_all(&policies).expect("mkdir");
-    std::fs::write(policies.join("zero.yaml"), POLICY).expect("policy");
-    let config = dir.join("surge.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "services:
-  - name: {name}
-    actuator: local
-    policy: zero
-    replicas: 0
-    local:
-      command: [{sample:?}, \"--listen\", \"{{addr}}\", \"--startup-delay\", \"{startup}\"{extra}]
-      service_address: \"{address}\"
-      readiness: {{tcp: true}}
-      drain_timeout: 2s
-      grace_period: 1s
-",
-            sample = bin("surge-sample").display().to_string(),
-            extra = sample_args.iter().map(|a| format!(", {a:?}")).collect::<String>()
-        ),
-    )
-    .expect("config");
-    vec![
-        "--config".into(),
-        config.display().to_string(),
-        "--policy-dir".into(),
-        policies.display().to_string(),
-        "--tick".into(),
-        "200ms".into(),
-    ]
+    let mut args = vec!["--startup-delay", startup];
+    args.extend_from_slice(sample_args);
+    LocalService {
+        name,
+        address,
+        policy: ("zero", POLICY),
+        replicas: 0,
+        sample_args: &args,
+        readiness: "{tcp: true}",
+        local_extra: &["drain_timeout: 2s", "grace_period: 1s"],
+    }
+    .scaler_flags(dir)
 }
 
 /// Once no connection is held: the hold-duration histogram counted every held connection exactly
