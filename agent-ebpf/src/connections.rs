@@ -1,20 +1,23 @@
 //! Connection lifecycle from sock_ops: an accepted connection of a watched endpoint is counted
 //! open and asked for state callbacks; when it reaches TCP_CLOSE it is counted closed, and any
 //! request still open on it ends (so in-flight counts never leak, whatever the packets showed).
+//! A connection made *from* a watched endpoint's address and port (a client that was given that
+//! port while nothing listened on it) is marked as a client, so the packet programs leave it out.
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
     programs::SockOpsContext,
 };
 use core::ptr::{addr_of, read_volatile};
 
-use surge_common::ConnKey;
+use surge_common::{ConnKey, CONN_CLIENT};
 
 use crate::{
     counters, http1,
-    maps::{counters_of, port_watched, service_of},
+    maps::{counters_of, port_watched, service_of, CONNS, FRESH_CONN},
 };
 
 const AF_INET: u32 = 2;
@@ -23,7 +26,10 @@ const AF_INET6: u32 = 10;
 #[inline(always)]
 pub fn on_sock_op(ctx: &SockOpsContext) -> Result<(), i64> {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+    if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
         return Ok(());
     }
     // SAFETY: one field of the program's context, read once at its constant offset.
@@ -35,15 +41,36 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> Result<(), i64> {
     let Some(service_id) = service_of(conn.local_addr, conn.local_port) else {
         return Ok(());
     };
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        mark_client(&conn)?;
+        return ctx
+            .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+            .map_err(|e| e as i64);
+    }
     let c = counters_of(service_id).ok_or(-1i64)?;
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         counters::add_u64(&mut c.connections_opened, 1);
         ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
             .map_err(|e| e as i64)?;
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
-        counters::add_u64(&mut c.connections_closed, 1);
-        http1::close(&conn, c);
+        if http1::is_client(&conn) {
+            let _ = CONNS.remove(&conn);
+        } else {
+            counters::add_u64(&mut c.connections_closed, 1);
+            http1::close(&conn, c);
+        }
     }
+    Ok(())
+}
+
+/// Remembers that a connection from a watched endpoint is a client's, before its first payload.
+#[inline(always)]
+fn mark_client(conn: &ConnKey) -> Result<(), i64> {
+    let fresh = FRESH_CONN.get(0).ok_or(-1i64)?;
+    CONNS.insert(conn, fresh, 0)?;
+    let state = CONNS.get_ptr_mut(conn).ok_or(-1i64)?;
+    // SAFETY: a pointer into the map's value for this connection.
+    unsafe { (*state).flags |= CONN_CLIENT };
     Ok(())
 }
 
@@ -83,10 +110,21 @@ fn conn_key(ctx: &SockOpsContext) -> Option<ConnKey> {
     Some(ConnKey {
         local_addr,
         remote_addr,
-        // local_port is in host byte order; remote_port in network byte order in the low 16 bits.
+        // local_port is in host byte order. remote_port is in network byte order, and in the
+        // upper 16 bits on little-endian machines (the kernel shifts skc_dport left by 16).
         local_port: lport as u16,
-        remote_port: u16::from_be(rport as u16),
+        remote_port: u16::from_be(remote_port_bits(rport)),
     })
+}
+
+/// The 16 bits of `bpf_sock_ops::remote_port` that hold the port (network byte order).
+#[inline(always)]
+fn remote_port_bits(field: u32) -> u16 {
+    if cfg!(target_endian = "little") {
+        (field >> 16) as u16
+    } else {
+        field as u16
+    }
 }
 
 #[inline(always)]

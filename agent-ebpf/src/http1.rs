@@ -12,7 +12,7 @@ use core::ffi::c_void;
 use surge_common::{
     http::PREFIX_LEN,
     stream::{Framer, HeadQueue, Side, Starts, CHUNK},
-    ConnState, ServiceCounters, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD, CONN_TLS, START_SLOTS,
+    ConnState, ServiceCounters, CONN_CLIENT, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD, CONN_TLS, START_SLOTS,
 };
 
 use crate::{
@@ -41,11 +41,15 @@ pub fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
     let c = counters_of(service_id).ok_or(-1i64)?;
 
     if seg.payload_len > 0 {
+        let state = conn_state(&seg, service_id);
+        if matches!(&state, Some(s) if s.flags & CONN_CLIENT != 0) {
+            return Ok(());
+        }
         match dir {
             Direction::Ingress => counters::add_u64(&mut c.rx_bytes, seg.payload_len as u64),
             Direction::Egress => counters::add_u64(&mut c.tx_bytes, seg.payload_len as u64),
         }
-        if let Some(state) = conn_state(&seg, service_id) {
+        if let Some(state) = state {
             on_payload(ctx, &seg, dir, state, c)?;
         }
     }
@@ -55,6 +59,13 @@ pub fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
         close(&seg.conn, c);
     }
     Ok(())
+}
+
+/// Whether sock_ops marked the connection as a client's (an active open from a watched endpoint).
+#[inline(always)]
+pub fn is_client(conn: &surge_common::ConnKey) -> bool {
+    // SAFETY: the flags are copied out at once.
+    unsafe { CONNS.get(conn).map(|s| s.flags & CONN_CLIENT != 0) }.unwrap_or(false)
 }
 
 /// The connection's state, created by its first payload either way (a server may speak first:
@@ -395,14 +406,18 @@ fn close_requests(state: &mut ConnState, k: u32, c: &mut ServiceCounters) {
     counters::add_i64(&mut c.inflight_time_sum, -(now as i64 * k as i64));
 }
 
-/// The connection ended: requests still open on it end now, and its state goes.
+/// The connection ended: requests still open on it end now, and its state goes. A client
+/// socket's mark stays until sock_ops sees it closed.
 #[inline(always)]
 pub fn close(conn: &surge_common::ConnKey, c: &mut ServiceCounters) {
-    // SAFETY: the value is copied out at once.
-    let open = unsafe { CONNS.get(conn).map(|s| s.open_requests) };
-    let Some(open) = open else {
+    // SAFETY: the values are copied out at once.
+    let state = unsafe { CONNS.get(conn).map(|s| (s.open_requests, s.flags)) };
+    let Some((open, flags)) = state else {
         return;
     };
+    if flags & CONN_CLIENT != 0 {
+        return;
+    }
     if open > 0 {
         let now = now_ns() as i64;
         counters::add_i64(&mut c.inflight_sign_sum, -(open as i64));

@@ -29,7 +29,27 @@ pub struct Connection {
 
 impl Connection {
     pub fn open(addr: SocketAddr) -> Result<Self, HttpError> {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        Self::from_stream(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?)
+    }
+
+    /// A connection from a chosen local address and port (bound before connecting).
+    pub fn open_from(local: SocketAddr, addr: SocketAddr) -> Result<Self, HttpError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        let stream = runtime.block_on(async {
+            let socket = match local {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.bind(local)?;
+            socket.connect(addr).await?.into_std()
+        })?;
+        stream.set_nonblocking(false)?;
+        Self::from_stream(stream)
+    }
+
+    fn from_stream(stream: TcpStream) -> Result<Self, HttpError> {
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         stream.set_nodelay(true)?;
         Ok(Self {

@@ -1,17 +1,24 @@
 //! Kernel-counted HTTP requests reach the scaler exactly: the agent's eBPF programs against a real
 //! HTTP server under real load, the scaler's API against the number of requests sent. Needs root.
 
-use std::{io::Write, net::TcpStream, path::PathBuf, time::Duration};
+use std::{
+    io::Write,
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
 
 use serde_json::Value;
 use surge_tests::{
     harness::{free_port, require_root, scratch, Agent, Sample, Scaler},
+    http_client::Connection,
     load::{run, LoadSpec},
 };
 
 /// A scaler watching `web` (the sample server) and `idle` (a port nobody uses), and an agent.
 struct Rig {
     web: Sample,
+    idle: SocketAddr,
     scaler: Scaler,
     agent: Agent,
     dir: PathBuf,
@@ -22,10 +29,12 @@ impl Rig {
         require_root();
         let dir = scratch(test);
         let web = Sample::start(&dir);
-        let scaler = Scaler::start(&dir, free_port(), &observe_flags(&web));
+        let idle = idle_addr();
+        let scaler = Scaler::start(&dir, free_port(), &observe_flags(&web, idle));
         let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
         let rig = Self {
             web,
+            idle,
             scaler,
             agent,
             dir,
@@ -50,12 +59,17 @@ impl Rig {
     }
 }
 
-fn observe_flags(web: &Sample) -> Vec<String> {
+/// A loopback endpoint nobody listens on.
+fn idle_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+fn observe_flags(web: &Sample, idle: SocketAddr) -> Vec<String> {
     vec![
         "--observe".into(),
         format!("web={}", web.addr),
         "--observe".into(),
-        format!("idle=127.0.0.1:{}", free_port()),
+        format!("idle={idle}"),
     ]
 }
 
@@ -143,6 +157,30 @@ fn bodies_that_span_many_segments_count_once() {
     rig.assert_idle_untouched();
 }
 
+/// While nothing listens on a watched endpoint, a client may be given its port for a connection
+/// of its own (an ephemeral port, or bound on purpose): that client's traffic is not the service's.
+#[test]
+fn a_client_using_a_watched_endpoints_port_counts_nowhere() {
+    let rig = Rig::start("clientport");
+    let n = 25;
+    let mut conn = Connection::open_from(rig.idle, rig.web.addr).expect("connect from idle's port");
+    for i in 0..n {
+        let r = conn
+            .request("POST", "/echo", &vec![b'x'; 100 + i], false)
+            .expect("answered");
+        assert_eq!(r.status, 200);
+    }
+    drop(conn);
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), n as u64, "{v}");
+    assert_eq!(count(&v, "responses_total"), n as u64, "{v}");
+    rig.assert_idle_untouched();
+    let idle = rig.scaler.service("idle");
+    assert_eq!(idle["tx_bytes_total"], 0, "{idle}");
+    assert_eq!(idle["connections_opened_total"], 0, "{idle}");
+    assert_eq!(idle["connections_closed_total"], 0, "{idle}");
+}
+
 #[test]
 fn traffic_to_an_unwatched_port_counts_nowhere() {
     let rig = Rig::start("unwatched");
@@ -207,7 +245,7 @@ fn restarting_the_scaler_loses_no_counts() {
     let dir = scratch("scaler-restart");
     let web = Sample::start(&dir);
     let grpc_port = free_port();
-    let mut scaler = Scaler::start(&dir, grpc_port, &observe_flags(&web));
+    let mut scaler = Scaler::start(&dir, grpc_port, &observe_flags(&web, idle_addr()));
     let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
     scaler.wait_for("web", "first report", |v| v["reported"] == true);
 
@@ -219,7 +257,7 @@ fn restarting_the_scaler_loses_no_counts() {
         keep_alive: false,
         ..LoadSpec::get(web.addr, 500)
     });
-    let scaler = Scaler::start(&dir, grpc_port, &observe_flags(&web));
+    let scaler = Scaler::start(&dir, grpc_port, &observe_flags(&web, idle_addr()));
     let v = scaler.wait_for("web", "all 1200 after the restart", |v| {
         v["requests_total"].as_u64() >= Some(1200)
     });

@@ -27,6 +27,10 @@ pub const CONN_SEEN_PAYLOAD: u32 = 1;
 pub const CONN_TLS: u32 = 2;
 /// `ConnState::flags`: `next_seq_out` is known (a server payload has been seen).
 pub const CONN_SEEN_EGRESS: u32 = 4;
+/// `ConnState::flags`: the socket connected out (an active open) from a watched endpoint's
+/// address and port, which only happens while nothing listens there: it is a client, and none
+/// of its traffic is the service's.
+pub const CONN_CLIENT: u32 = 8;
 
 /// A local endpoint a service listens on. IPv4 addresses are stored IPv4-mapped
 /// (`::ffff:a.b.c.d`); the all-zero address with a port matches any local address on that port.
