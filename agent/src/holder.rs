@@ -3,8 +3,8 @@
 //! port per held service). The holder accepts them and reports the demand at once. It buffers
 //! what clients send (bounded: a full buffer stops reading, so the client is slowed down and no
 //! byte is dropped). As soon as a replica is ready, it connects there, writes the buffer and
-//! relays both ways. After the hold timeout an HTTP client gets `503` with `Retry-After`, and
-//! any other client is closed.
+//! relays both ways. After the hold timeout an HTTP/1 or HTTP/2 (gRPC too) client gets `503`
+//! with `Retry-After`, and any other client is closed.
 
 use std::{
     net::SocketAddr,
@@ -15,7 +15,6 @@ use std::{
     time::Duration,
 };
 
-use surge_common::http::{classify, prefix_of, SegmentStart};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -23,6 +22,7 @@ use tokio::{
     time::Instant,
 };
 
+pub mod refusal;
 pub mod waits;
 pub use waits::WaitHistogram;
 
@@ -66,8 +66,10 @@ impl Default for HoldConfig {
 /// What the holder counted; read by the report.
 #[derive(Debug, Default)]
 pub struct HoldStats {
-    /// Connections waiting now.
+    /// Connections waiting now (not those already handed to a replica and being relayed).
     pub held_now: AtomicUsize,
+    /// Held connections handed to a replica whose relay is still going on.
+    pub relaying_now: AtomicUsize,
     /// Connections ever held.
     pub held_total: AtomicU64,
     /// Held connections handed to a replica.
@@ -153,7 +155,6 @@ impl Holder {
             );
             tokio::spawn(async move {
                 let result = hold(client, accepted, backends, config, &stats, &next).await;
-                stats.held_now.fetch_sub(1, Ordering::Release);
                 if let Err(e) = result {
                     tracing::debug!(client = %peer, error = %e, "held connection ended");
                 }
@@ -174,8 +175,12 @@ async fn hold(
 ) -> Result<(), HoldError> {
     let forwarded = forward(&mut client, accepted, backends, config, stats, next).await;
     stats.waits.record(accepted.elapsed());
+    stats.held_now.fetch_sub(1, Ordering::Release);
     let mut upstream = forwarded?;
-    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    stats.relaying_now.fetch_add(1, Ordering::Relaxed);
+    let relayed = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    stats.relaying_now.fetch_sub(1, Ordering::Relaxed);
+    relayed?;
     Ok(())
 }
 
@@ -253,18 +258,11 @@ fn pick(backends: &[SocketAddr], next: &AtomicUsize) -> Option<SocketAddr> {
     Some(backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()])
 }
 
-/// An HTTP client (its first bytes are a request line) gets a 503 with Retry-After; anything
-/// else is closed.
+/// Tells a client that timed out why, as far as its protocol allows (see [`refusal`]), then
+/// closes the connection.
 async fn answer_timeout(client: &mut TcpStream, buffer: &[u8], retry_after: u32) {
-    let (prefix, len) = prefix_of(buffer);
-    if classify(&prefix, len) == SegmentStart::Request {
-        let body = "no replica became ready in time\n";
-        let response = format!(
-            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {retry_after}\r\nContent-Type: text/plain\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let _ = client.write_all(response.as_bytes()).await;
+    if let Some(answer) = refusal::timeout_answer(buffer, retry_after) {
+        let _ = client.write_all(&answer).await;
     }
     let _ = client.shutdown().await;
 }

@@ -135,6 +135,7 @@ impl Holders {
                 let s = &h.stats;
                 // Acquire: every connection no longer counted here has recorded its wait.
                 c.held_now = s.held_now.load(Ordering::Acquire) as u64;
+                c.relayed_now = s.relaying_now.load(Ordering::Relaxed) as u64;
                 c.held_total = s.held_total.load(Ordering::Relaxed);
                 c.hold_timeouts = s.timeouts_total.load(Ordering::Relaxed);
                 c.held_forwarded = s.forwarded_total.load(Ordering::Relaxed);

@@ -140,6 +140,8 @@ struct Sample {
     in_flight: i64,
     /// Connections the agent holds now for the service (it has no ready replica).
     held_now: u64,
+    /// Held connections the agent still relays to a replica.
+    relayed_now: u64,
     /// Held connections ever, and those that timed out, by this agent instance.
     held_total: u64,
     hold_timeouts: u64,
@@ -191,6 +193,8 @@ pub struct ServiceFigures {
     /// Connections the agents hold now because the service has no ready replica (the demand
     /// that activates a service at zero), summed over fresh nodes.
     pub held_connections: u64,
+    /// Formerly held connections the agents still relay to a replica, summed over fresh nodes.
+    pub relayed_connections: u64,
     /// Held connections ever and hold timeouts, by the agents' current instances.
     pub held_total: u64,
     pub hold_timeouts: u64,
@@ -297,6 +301,7 @@ impl Ingest {
                 totals: Totals::from_wire(c),
                 in_flight: c.in_flight,
                 held_now: c.held_now,
+                relayed_now: c.relayed_now,
                 held_total: c.held_total,
                 hold_timeouts: c.hold_timeouts,
                 memory_bytes: c.memory_bytes,
@@ -359,6 +364,7 @@ impl Ingest {
             }
             f.in_flight += s.last.in_flight;
             f.held_connections += s.last.held_now;
+            f.relayed_connections += s.last.relayed_now;
             f.memory_bytes += s.last.memory_bytes;
             if let Some(prev) = &s.prev {
                 let dt = (s.last.at_ns - prev.at_ns) as f64 / 1e9;

@@ -222,6 +222,18 @@ impl Collector for ServiceCollector {
         )?;
         family(
             &mut enc,
+            "surge_service_relayed_connections",
+            "Formerly held connections the agents still relay to a replica.",
+            MetricType::Gauge,
+            all.iter().map(|v| {
+                (
+                    svc(&v.name),
+                    ConstGauge::new(v.figures.relayed_connections as i64),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
             "surge_service_held_connections_seen",
             "Connections ever held by the agents' current instances.",
             MetricType::Counter,

@@ -50,10 +50,14 @@ async fn a_held_connection_is_relayed_once_a_replica_is_ready() {
     demand.notified().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(stats.held_now.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
     backends.send_replace(vec![echo_replica().await]);
     let mut got = vec![0u8; 18];
     c.read_exact(&mut got).await.expect("relayed");
     assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
+    // Handed over: no longer waiting, still relayed.
+    assert_eq!(stats.held_now.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 1);
     // The relay goes both ways after the buffer.
     c.write_all(b"more").await.expect("write");
     let mut more = [0u8; 4];
@@ -178,4 +182,63 @@ async fn every_wait_is_recorded_once_whether_forwarded_or_timed_out() {
     assert_eq!(counts[bucket_of(20_000_000)], 1);
     assert_eq!(sum, 20.0);
     assert_eq!(stats_b.held_total.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn an_http2_client_gets_503_on_every_stream_and_a_goaway_on_timeout() {
+    let config = HoldConfig {
+        timeout: Duration::from_millis(300),
+        retry_after: 3,
+        ..HoldConfig::default()
+    };
+    let (addr, _backends, stats, _) = holder(config).await;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let mut responses = Vec::new();
+    for i in 0..3 {
+        let request = http::Request::get(format!("http://held.example/{i}"))
+            .body(())
+            .expect("request");
+        let (response, _) = client.send_request(request, true).expect("sent");
+        responses.push(response);
+    }
+    for response in responses {
+        let response = response.await.expect("a response on every stream");
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["retry-after"], "3");
+        assert_eq!(response.headers()["grpc-status"], "14");
+    }
+    let ended = connection.await.expect("the connection task");
+    if let Err(e) = ended {
+        assert_eq!(e.reason(), Some(h2::Reason::NO_ERROR), "{e}");
+    }
+    assert_eq!(stats.timeouts_total.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.held_now.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_grpc_client_gets_unavailable_on_timeout() {
+    use surge_proto::externalscaler::{external_scaler_client::ExternalScalerClient, ScaledObjectRef};
+
+    let config = HoldConfig {
+        timeout: Duration::from_millis(300),
+        ..HoldConfig::default()
+    };
+    let (addr, _backends, stats, _) = holder(config).await;
+    let mut client = ExternalScalerClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let status = client
+        .is_active(ScaledObjectRef {
+            name: "held".into(),
+            namespace: "default".into(),
+            scaler_metadata: Default::default(),
+        })
+        .await
+        .expect_err("no replica: refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert_eq!(status.message(), "no replica became ready in time");
+    assert_eq!(stats.timeouts_total.load(Ordering::Relaxed), 1);
 }

@@ -250,6 +250,7 @@ fn main() -> anyhow::Result<()> {
     let paired =
         |other: &[WrkResult]| median(agent.iter().zip(other).map(|(a, o)| a.wrk.rps / o.rps).collect());
     let (vs_none, vs_proxy) = (paired(&none), paired(&proxied));
+    let none_vs_proxy = median(none.iter().zip(&proxied).map(|(n, p)| n.rps / p.rps).collect());
     let rss = agent.iter().map(|a| a.peak_rss).max().unwrap_or(0);
     println!();
     println!("median of {} rounds         throughput      p99", args.rounds);
@@ -265,6 +266,11 @@ fn main() -> anyhow::Result<()> {
         "  agent / proxy          {:>10.2} (goal ≥ 2; median of per-round ratios {vs_proxy:.2})      p99 ×{:.2}",
         a_rps / p_rps,
         a_p99 / p_p99
+    );
+    println!(
+        "  none / proxy           {:>10.2} (the ceiling of agent / proxy on this machine: no agent at all; \
+         per-round median {none_vs_proxy:.2})",
+        n_rps / p_rps
     );
     println!(
         "  agent's own cost       {cpu:.3} CPU s per {}s run ({:.2} % of a core), peak RSS {:.1} MiB \
