@@ -97,7 +97,7 @@ for f in "$LOGS"/load-*.log; do
   read -r s a x < <(awk '/^sent/ {print $2, $4, $6}' "$f")
   sent=$((sent + ${s:-0})); ok=$((ok + ${a:-0})); failed=$((failed + ${x:-0}))
 done
-counted=$(curl -s "http://$API/api/v1/services/web" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests_total"])')
+read -r counted probes < <(curl -s "http://$API/api/v1/services/web" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["requests_total"], s["probe_requests_total"])')
 pids=$(curl -s "http://$API/api/v1/services/web/replicas" | python3 -c 'import json,sys; print(" ".join(str(r["pid"]) for r in json.load(sys.stdin)["replicas"] if r["pid"]))')
 events=$(grep -c '"scaling"\|scaling service=web' "$LOGS/scaler.log" || true)
 
@@ -108,7 +108,7 @@ for p in $pids; do kill -0 "$p" 2>/dev/null && left=$((left + 1)); done
 echo
 echo "summary"
 echo "  requests sent through $SERVICE:  $sent ($ok answered, $failed failed)"
-echo "  requests counted in the kernel:    $counted (includes the readiness probes)"
+echo "  requests counted in the kernel:    $counted (and $probes readiness probes, counted apart)"
 echo "  replicas: peak $peak, scaling decisions applied: $events"
 echo "  after the scaler stopped: $left replica processes left running"
 echo "  logs: $LOGS"

@@ -162,6 +162,9 @@ fn on_payload(
         seg.payload_offset as u32 + len32,
         side,
     );
+    if starts.probes > 0 {
+        counters::add_u64(&mut c.probe_requests, starts.probes as u64);
+    }
     if starts.messages == 0 {
         return Ok(());
     }
@@ -222,6 +225,7 @@ fn frame(
     s.cursor.reset(off, end);
     s.starts.messages = 0;
     s.starts.interim = 0;
+    s.starts.probes = 0;
     s.starts.heads.bits = heads.bits;
     s.starts.heads.len = heads.len;
     s.side = slot;

@@ -312,6 +312,7 @@ pub fn sum<'a>(copies: impl Iterator<Item = &'a ServiceCounters>) -> ServiceCoun
         total.connections_opened = total.connections_opened.wrapping_add(c.connections_opened);
         total.connections_closed = total.connections_closed.wrapping_add(c.connections_closed);
         total.tls_connections = total.tls_connections.wrapping_add(c.tls_connections);
+        total.probe_requests = total.probe_requests.wrapping_add(c.probe_requests);
     }
     total
 }

@@ -24,6 +24,7 @@ pub fn to_wire(service: &str, c: &ServiceCounters, memory_bytes: u64, now_ns: u6
         connections_opened: c.connections_opened,
         connections_closed: c.connections_closed,
         tls_connections: c.tls_connections,
+        probe_requests: c.probe_requests,
         // Filled by the holders (holding.rs), which live outside the kernel.
         ..Default::default()
     }

@@ -24,6 +24,8 @@ pub struct Totals {
     pub connections_opened: u64,
     pub connections_closed: u64,
     pub tls_connections: u64,
+    /// Requests (in `requests` too) that were health probes.
+    pub probe_requests: u64,
     /// How long held connections waited (latency bucket layout), and the sum of the waits.
     pub hold_buckets: [u64; LATENCY_BUCKETS],
     pub hold_seconds_sum: f64,
@@ -43,6 +45,7 @@ impl Default for Totals {
             connections_opened: 0,
             connections_closed: 0,
             tls_connections: 0,
+            probe_requests: 0,
             hold_buckets: [0; LATENCY_BUCKETS],
             hold_seconds_sum: 0.0,
         }
@@ -71,6 +74,7 @@ impl Totals {
             connections_opened: c.connections_opened,
             connections_closed: c.connections_closed,
             tls_connections: c.tls_connections,
+            probe_requests: c.probe_requests,
             hold_buckets,
             hold_seconds_sum: c.hold_duration_seconds_sum,
         }
@@ -90,6 +94,7 @@ impl Totals {
         self.connections_opened += o.connections_opened;
         self.connections_closed += o.connections_closed;
         self.tls_connections += o.tls_connections;
+        self.probe_requests += o.probe_requests;
         for (a, b) in self.hold_buckets.iter_mut().zip(&o.hold_buckets) {
             *a += b;
         }
@@ -109,6 +114,7 @@ impl Totals {
             connections_opened: self.connections_opened.saturating_sub(earlier.connections_opened),
             connections_closed: self.connections_closed.saturating_sub(earlier.connections_closed),
             tls_connections: self.tls_connections.saturating_sub(earlier.tls_connections),
+            probe_requests: self.probe_requests.saturating_sub(earlier.probe_requests),
             ..Default::default()
         };
         for ((d, a), b) in d
@@ -185,8 +191,11 @@ struct NodeState {
 /// The merged view of one service at `now`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ServiceFigures {
+    /// Requests and final responses, health probes left out.
     pub requests_total: u64,
     pub responses_total: u64,
+    /// Health probes (User-Agent `kube-probe/…` or `surge-probe`), not counted as requests.
+    pub probe_requests_total: u64,
     /// Requests per second over each fresh node's last report interval, summed over nodes.
     pub request_rate: f64,
     pub in_flight: i64,
@@ -369,7 +378,7 @@ impl Ingest {
             if let Some(prev) = &s.prev {
                 let dt = (s.last.at_ns - prev.at_ns) as f64 / 1e9;
                 let d = s.last.totals.since(&prev.totals);
-                f.request_rate += d.requests as f64 / dt;
+                f.request_rate += d.requests.saturating_sub(d.probe_requests) as f64 / dt;
                 f.concurrency += d.in_flight_seconds / dt;
                 f.cpu_cores += d.cpu_seconds / dt;
                 for (r, b) in recent.iter_mut().zip(&d.latency_buckets) {
@@ -377,8 +386,11 @@ impl Ingest {
                 }
             }
         }
-        f.requests_total = total.requests;
-        f.responses_total = total.responses;
+        // Health probes are not traffic: their requests and responses are left out (a probe
+        // whose User-Agent is still in flight may be in for one report).
+        f.requests_total = total.requests.saturating_sub(total.probe_requests);
+        f.responses_total = total.responses.saturating_sub(total.probe_requests);
+        f.probe_requests_total = total.probe_requests;
         f.rx_bytes_total = total.rx_bytes;
         f.tx_bytes_total = total.tx_bytes;
         f.latency_seconds_sum = total.latency_seconds_sum;

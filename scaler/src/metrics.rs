@@ -57,10 +57,18 @@ impl Collector for ServiceCollector {
         family(
             &mut enc,
             "surge_service_requests",
-            "HTTP requests started, counted in the kernel.",
+            "HTTP requests started, counted in the kernel (health probes left out).",
             MetricType::Counter,
             s.iter()
                 .map(|v| (svc(&v.name), ConstCounter::new(v.figures.requests_total))),
+        )?;
+        family(
+            &mut enc,
+            "surge_service_probe_requests",
+            "Health probes (User-Agent kube-probe/... or surge-probe) seen in the kernel, not counted as requests.",
+            MetricType::Counter,
+            s.iter()
+                .map(|v| (svc(&v.name), ConstCounter::new(v.figures.probe_requests_total))),
         )?;
         family(
             &mut enc,

@@ -157,6 +157,44 @@ fn bodies_that_span_many_segments_count_once() {
     rig.assert_idle_untouched();
 }
 
+/// Health probes (the kubelet's `kube-probe/…`, the local actuator's `surge-probe`) are not
+/// traffic: counted apart, left out of requests and responses, so a service at rest can scale to
+/// zero however often it is probed.
+#[test]
+fn health_probes_are_counted_apart_and_left_out_of_the_traffic() {
+    let rig = Rig::start("probes");
+    let (n, kube_probes, surge_probes) = (40, 10, 5);
+    let mut keep_alive = Connection::open(rig.web.addr).expect("connect");
+    for i in 0..n {
+        let r = keep_alive.request("GET", "/", b"", false).expect("answered");
+        assert_eq!(r.status, 200);
+        if i % 8 == 0 {
+            // The local actuator's probe, between requests on a kept-alive connection.
+            keep_alive
+                .send_raw(b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: surge-probe\r\n\r\n")
+                .expect("probe");
+            assert_eq!(keep_alive.read_response().expect("probe answered").status, 200);
+        }
+    }
+    for _ in 0..kube_probes {
+        // As the kubelet probes: a connection per probe.
+        let mut c = Connection::open(rig.web.addr).expect("connect");
+        c.send_raw(b"GET / HTTP/1.1\r\nHost: 10.0.0.7:8080\r\nUser-Agent: kube-probe/1.31\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+            .expect("probe");
+        assert_eq!(c.read_response().expect("probe answered").status, 200);
+    }
+    drop(keep_alive);
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), n as u64, "{v}");
+    assert_eq!(count(&v, "responses_total"), n as u64, "{v}");
+    assert_eq!(
+        count(&v, "probe_requests_total"),
+        (kube_probes + surge_probes) as u64,
+        "{v}"
+    );
+    assert_eq!(v["in_flight"], 0, "{v}");
+}
+
 /// While nothing listens on a watched endpoint, a client may be given its port for a connection
 /// of its own (an ephemeral port, or bound on purpose): that client's traffic is not the service's.
 #[test]

@@ -137,6 +137,9 @@ pub struct ServiceCounters {
     pub connections_closed: u64,
     /// Connections whose first bytes were a TLS handshake: their requests cannot be counted.
     pub tls_connections: u64,
+    /// Requests (counted in `requests` too) whose `User-Agent` names a health probe: the
+    /// kubelet's `kube-probe/…` or the local actuator's `surge-probe`. Probes are not traffic.
+    pub probe_requests: u64,
 }
 
 /// A service address of the connect-time load balancer (`SERVICE_ADDRS` value): which block of
@@ -181,6 +184,7 @@ impl Default for ServiceCounters {
             connections_opened: 0,
             connections_closed: 0,
             tls_connections: 0,
+            probe_requests: 0,
         }
     }
 }

@@ -48,6 +48,8 @@ const H2_PREFACE: u8 = 18;
 const H2_HEADER: u8 = 19;
 /// HTTP/2: a frame's payload (skipped by count).
 const H2_PAYLOAD: u8 = 20;
+/// In a request's `User-Agent` value: does it name a health probe?
+const UA_VALUE: u8 = 21;
 
 /// The first 16 bytes of the HTTP/2 client connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8; 16] = b"PRI * HTTP/2.0\r\n";
@@ -82,6 +84,13 @@ pub struct Starts {
     pub messages: u32,
     /// Interim (1xx) responses.
     pub interim: u32,
+    /// Requests whose `User-Agent` names a health probe (`kube-probe/…`, as the kubelet sends,
+    /// or `surge-probe`, the local actuator's): counted in `messages` too, and told apart so
+    /// that probes are not traffic. Found in the headers, so maybe in a later segment than
+    /// the request's start.
+    pub probes: u32,
+    /// Explicit padding.
+    pub _pad: u32,
     /// Which open requests are HEAD, oldest first; carried between segments and between the
     /// two directions by the caller (the kernel keeps it in the connection's state).
     pub heads: HeadQueue,
@@ -131,6 +140,15 @@ impl HeadQueue {
 const CONTENT_LENGTH: &[u8; 15] = b"content-length:";
 const TRANSFER_ENCODING: &[u8; 18] = b"transfer-encoding:";
 const CHUNKED: &[u8; 7] = b"chunked";
+const USER_AGENT: &[u8; 11] = b"user-agent:";
+/// The `User-Agent` prefixes of health probes: the kubelet's (`kube-probe/1.31`, which Knative
+/// also treats as a probe) and the local actuator's. Same length, matched together.
+const KUBE_PROBE: &[u8; 11] = b"kube-probe/";
+const SURGE_PROBE: &[u8; 11] = b"surge-probe";
+/// `Framer::cand` bits while matching a header name.
+const NAME_CL: u8 = 1;
+const NAME_TE: u8 = 2;
+const NAME_UA: u8 = 4;
 /// Larger bodies are not framed (and a larger chunk size is garbage).
 const MAX_BODY: u64 = 1 << 40;
 
@@ -518,7 +536,7 @@ impl Framer {
                     self.headers_done();
                 } else {
                     self.pos = 0;
-                    self.cand = 3;
+                    self.cand = NAME_CL | NAME_TE | NAME_UA;
                     self.phase = HDR_NAME;
                     self.header_name(b);
                 }
@@ -549,6 +567,7 @@ impl Framer {
                     }
                 }
             }
+            UA_VALUE => self.user_agent_byte(b, starts),
             HDR_END => {
                 if b == b'\n' {
                     self.headers_done();
@@ -639,6 +658,7 @@ impl Framer {
     pub fn take_header_name(&mut self, buf: &[u8; CHUNK], at: usize) -> usize {
         let mut content_length = true;
         let mut transfer_encoding = true;
+        let mut user_agent = self.flags & F_RESPONSE == 0;
         let mut k = 0;
         while k < WINDOW {
             // The mask changes nothing (the caller keeps at + WINDOW ≤ CHUNK); it shows the
@@ -650,9 +670,15 @@ impl Framer {
             if c != TRANSFER_ENCODING[k] {
                 transfer_encoding = false;
             }
+            if k < USER_AGENT.len() && c != USER_AGENT[k] {
+                user_agent = false;
+            }
             k += 1;
         }
-        if content_length {
+        if user_agent {
+            self.start_user_agent();
+            USER_AGENT.len()
+        } else if content_length {
             if self.flags & F_HAS_CL != 0 {
                 // A second Content-Length: not framed.
                 self.lose();
@@ -697,6 +723,44 @@ impl Framer {
         used
     }
 
+    /// A request's `User-Agent:` name is complete: its value is matched next.
+    #[inline(always)]
+    fn start_user_agent(&mut self) {
+        self.pos = 0;
+        self.cand = 3;
+        self.phase = UA_VALUE;
+    }
+
+    /// One byte of a request's `User-Agent` value (`pos` counts its bytes after leading
+    /// whitespace; `cand` bit 0: still `kube-probe/`, bit 1: still `surge-probe`). A match of
+    /// either prefix counts the request as a probe; the rest of the line is skipped.
+    #[inline(always)]
+    fn user_agent_byte(&mut self, b: u8, starts: &mut Starts) {
+        if b == b'\n' {
+            self.phase = HDR_START;
+            return;
+        }
+        let p = self.pos as usize;
+        if p == 0 && (b == b' ' || b == b'\t') {
+            return;
+        }
+        let mut cand = self.cand;
+        if !(p < KUBE_PROBE.len() && KUBE_PROBE[p] == b) {
+            cand &= !1;
+        }
+        if !(p < SURGE_PROBE.len() && SURGE_PROBE[p] == b) {
+            cand &= !2;
+        }
+        self.cand = cand;
+        self.pos += 1;
+        if cand == 0 {
+            self.phase = HDR_SKIP;
+        } else if p + 1 == KUBE_PROBE.len() {
+            starts.probes += 1;
+            self.phase = HDR_SKIP;
+        }
+    }
+
     #[inline(always)]
     fn chunk_size_done(&mut self) {
         if self.remaining == 0 {
@@ -716,17 +780,26 @@ impl Framer {
         let p = self.pos as usize;
         let c = lower(b);
         let mut cand = self.cand;
-        if cand & 1 != 0 && !(p < CONTENT_LENGTH.len() && CONTENT_LENGTH[p] == c) {
-            cand &= !1;
+        if cand & NAME_CL != 0 && !(p < CONTENT_LENGTH.len() && CONTENT_LENGTH[p] == c) {
+            cand &= !NAME_CL;
         }
-        if cand & 2 != 0 && !(p < TRANSFER_ENCODING.len() && TRANSFER_ENCODING[p] == c) {
-            cand &= !2;
+        if cand & NAME_TE != 0 && !(p < TRANSFER_ENCODING.len() && TRANSFER_ENCODING[p] == c) {
+            cand &= !NAME_TE;
+        }
+        if cand & NAME_UA != 0 && !(p < USER_AGENT.len() && USER_AGENT[p] == c) {
+            cand &= !NAME_UA;
         }
         self.cand = cand;
         self.pos += 1;
         if cand == 0 {
             self.phase = HDR_SKIP;
-        } else if cand & 1 != 0 && p + 1 == CONTENT_LENGTH.len() {
+        } else if cand & NAME_UA != 0 && p + 1 == USER_AGENT.len() {
+            if self.flags & F_RESPONSE == 0 {
+                self.start_user_agent();
+            } else {
+                self.phase = HDR_SKIP;
+            }
+        } else if cand & NAME_CL != 0 && p + 1 == CONTENT_LENGTH.len() {
             if self.flags & F_HAS_CL != 0 {
                 // A second Content-Length: not framed.
                 self.lose();
@@ -735,7 +808,7 @@ impl Framer {
             self.flags |= F_HAS_CL;
             self.remaining = 0;
             self.phase = CL_VALUE;
-        } else if cand & 2 != 0 && p + 1 == TRANSFER_ENCODING.len() {
+        } else if cand & NAME_TE != 0 && p + 1 == TRANSFER_ENCODING.len() {
             self.cand = 0;
             self.phase = TE_VALUE;
         }

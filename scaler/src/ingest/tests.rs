@@ -214,3 +214,26 @@ fn hold_durations_are_merged_over_nodes_and_carried_over_restarts() {
     assert_eq!(f.hold_duration_buckets[bucket_of(500)], 1);
     assert!((f.hold_duration_seconds_sum - 4.1405).abs() < 1e-9);
 }
+
+#[test]
+fn health_probes_are_left_out_of_requests_responses_and_rate() {
+    let with_probes = |at_s: u64, requests: u64, probes: u64| {
+        let mut r = report(at_s, &[("web", requests, 0.0)]);
+        r.services[0].probe_requests = probes;
+        r
+    };
+    let mut i = Ingest::new(secs(10));
+    i.connected("n1", 7, secs(0));
+    i.record("n1", 7, &with_probes(100, 1000, 40), secs(0));
+    // 300 requests in 2 s, 20 of them probes.
+    i.record("n1", 7, &with_probes(102, 1300, 60), secs(2));
+    let f = i.figures("web", secs(2)).expect("reported");
+    assert_eq!(f.requests_total, 1240);
+    assert_eq!(f.responses_total, 1240);
+    assert_eq!(f.probe_requests_total, 60);
+    assert_eq!(f.request_rate, 140.0);
+    // Only probes: a service at rest has no traffic.
+    i.record("n1", 7, &with_probes(104, 1310, 70), secs(4));
+    let f = i.figures("web", secs(4)).expect("reported");
+    assert_eq!(f.request_rate, 0.0);
+}

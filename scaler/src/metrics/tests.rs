@@ -124,6 +124,7 @@ fn replicas_decisions_and_held_connections_are_exposed() {
     let mut r = report(5);
     r.services[0].held_now = 3;
     r.services[0].relayed_now = 2;
+    r.services[0].probe_requests = 4;
     r.services[0].held_total = 9;
     r.services[0].hold_timeouts = 1;
     s.ingest().connected("n1", 1, Duration::from_secs(1));
@@ -141,6 +142,7 @@ fn replicas_decisions_and_held_connections_are_exposed() {
     for line in [
         "surge_service_held_connections{service=\"web\"} 3",
         "surge_service_relayed_connections{service=\"web\"} 2",
+        "surge_service_probe_requests_total{service=\"web\"} 4",
         "surge_service_held_connections_seen_total{service=\"web\"} 9",
         "surge_service_hold_timeouts_total{service=\"web\"} 1",
         "surge_service_replicas{service=\"web\",state=\"desired\"} 4",

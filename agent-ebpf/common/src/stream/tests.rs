@@ -19,6 +19,7 @@ fn feed_all(segments: &[&[u8]], side: Side) -> (Starts, Framer) {
         let st = f.feed(s, side, MAX_ROUNDS);
         total.messages += st.messages;
         total.interim += st.interim;
+        total.probes += st.probes;
     }
     (total, f)
 }
@@ -47,9 +48,27 @@ impl Rng {
 
 const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
 
+/// `User-Agent` lines, and whether each names a health probe.
+const USER_AGENTS: [(&str, bool); 9] = [
+    ("User-Agent: kube-probe/1.31\r\n", true),
+    ("user-agent:kube-probe/1.28.3\r\n", true),
+    ("USER-AGENT: \t surge-probe\r\n", true),
+    ("User-Agent: surge-probe/0.1\r\n", true),
+    ("User-Agent: kube-probe\r\n", false),
+    ("User-Agent: Kube-Probe/1.31\r\n", false),
+    ("User-Agent: curl/8.5.0\r\n", false),
+    ("User-Agent: Mozilla/5.0 (kube-probe/1.31)\r\n", false),
+    ("User-Agents: kube-probe/1.31\r\n", false),
+];
+
 /// One request: a method, headers in random case, and a body framed by length, chunks, or none.
 /// Bodies may contain text that looks like a request line: it must not count.
 fn request(r: &mut Rng) -> Vec<u8> {
+    request_maybe_probe(r).0
+}
+
+/// [`request`], some with a `User-Agent` (a health probe's or not): also whether it is a probe.
+fn request_maybe_probe(r: &mut Rng) -> (Vec<u8>, bool) {
     let method = METHODS[r.below(METHODS.len() as u64) as usize];
     let mut out = format!(
         "{method} /p{}?q={} HTTP/1.1\r\nHost: x\r\n",
@@ -57,11 +76,23 @@ fn request(r: &mut Rng) -> Vec<u8> {
         r.below(1 << 20)
     )
     .into_bytes();
+    let mut probe = false;
     for _ in 0..r.below(4) {
+        if r.below(3) == 0 && !probe {
+            let (line, is_probe) = USER_AGENTS[r.below(USER_AGENTS.len() as u64) as usize];
+            out.extend_from_slice(line.as_bytes());
+            probe = is_probe;
+            continue;
+        }
         out.extend_from_slice(
             format!("X-H{}: {}\r\n", r.below(100), "v".repeat(r.below(40) as usize)).as_bytes(),
         );
     }
+    (with_body(r, out), probe)
+}
+
+/// Ends the head of a request and adds a body, framed by length, chunks, or none.
+fn with_body(r: &mut Rng, mut out: Vec<u8>) -> Vec<u8> {
     let body = body(r);
     match r.below(3) {
         0 if body.is_empty() => {}
@@ -128,7 +159,10 @@ fn response(r: &mut Rng, interim: &mut u32) -> Vec<u8> {
         *interim += 1;
     }
     match r.below(4) {
-        0 => out.extend_from_slice(b"HTTP/1.1 204 No Content\r\nServer: s\r\n\r\n"),
+        // A response never counts as a probe, whatever its headers say.
+        0 => out.extend_from_slice(
+            b"HTTP/1.1 204 No Content\r\nServer: s\r\nUser-Agent: kube-probe/1.31\r\n\r\n",
+        ),
         1 => {
             out.extend_from_slice(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
             let b = body(r);
@@ -165,13 +199,16 @@ fn split<'a>(r: &mut Rng, stream: &'a [u8]) -> Vec<&'a [u8]> {
 fn pipelined_requests_case(seed: u64) {
     let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let n = 1 + r.below(12) as u32;
-    let mut stream = Vec::new();
+    let (mut stream, mut probes) = (Vec::new(), 0);
     for _ in 0..n {
-        stream.extend(request(&mut r));
+        let (request, probe) = request_maybe_probe(&mut r);
+        stream.extend(request);
+        probes += probe as u32;
     }
     let segments = split(&mut r, &stream);
     let (starts, f) = feed_all(&segments, Side::Requests);
     assert_eq!(starts.messages, n, "seed {seed}");
+    assert_eq!(starts.probes, probes, "seed {seed}: health probes");
     assert_eq!(f.phase, START, "seed {seed}: ends between messages");
 }
 
@@ -184,7 +221,11 @@ fn pipelined_responses_case(seed: u64) {
     }
     let segments = split(&mut r, &stream);
     let (starts, _) = feed_all(&segments, Side::Responses);
-    assert_eq!((starts.messages, starts.interim), (n, interim), "seed {seed}");
+    assert_eq!(
+        (starts.messages, starts.interim, starts.probes),
+        (n, interim, 0),
+        "seed {seed}"
+    );
 }
 
 fn garbage_case(seed: u64) {
@@ -447,7 +488,7 @@ fn observable(f: &Framer) -> (u8, u64, u8, u32) {
 }
 
 /// Bytes that steer the framer, to mutate realistic streams with.
-const STEERING: &[u8] = b"\r\n:; \t0123456789cCtTlL-gG";
+const STEERING: &[u8] = b"\r\n:; \t0123456789cCtTlL-gGuUaAkK/";
 
 fn rounds_equal_bytewise_case(seed: u64) {
     let mut r = Rng(seed.wrapping_mul(0x94D0_49BB_1331_11EB) | 1);
