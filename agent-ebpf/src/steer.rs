@@ -2,8 +2,8 @@
 //! the connect hook of balance.rs on their way to a held service address. An `sk_lookup` program
 //! in the agent's network namespace steers them: when a TCP SYN's destination is a service address
 //! (or any address on a service's wildcard port) whose service has no ready backend and a holder,
-//! the kernel hands the connection to the holder's listening socket (`HOLDERS`, filled by the
-//! agent). Every other lookup leaves after a protocol check and one bitmap read (`HELD_PORTS`); a warm
+//! the kernel hands the connection to the holder's listening socket of the same family
+//! (`HOLDERS` for IPv4, `HOLDERS6` for IPv6, filled by the agent). Every other lookup leaves after a protocol check and one bitmap read (`HELD_PORTS`); a warm
 //! service is never steered (outside clients then need a real listener, e.g. kube-proxy's).
 
 use aya_ebpf::{
@@ -17,9 +17,14 @@ use surge_common::{EndpointKey, MAX_BALANCED, WATCHED_PORT_WORDS};
 
 use crate::balance::SERVICE_ADDRS;
 
-/// The holders' listening sockets, by holder port (host byte order). Written by the agent.
+/// The holders' IPv4 listening sockets (on 127.0.0.1), by holder port (host byte order).
+/// Written by the agent.
 #[map(name = "HOLDERS")]
 pub static HOLDERS: SockHash<u32> = SockHash::with_max_entries(MAX_BALANCED, 0);
+
+/// The holders' IPv6 listening sockets (on ::1, same port), by holder port. Written by the agent.
+#[map(name = "HOLDERS6")]
+pub static HOLDERS6: SockHash<u32> = SockHash::with_max_entries(MAX_BALANCED, 0);
 
 /// Ports of the service addresses of held services, as a bitmap (bit `p & 63` of word `p >> 6`).
 /// Written by the agent.
@@ -27,22 +32,30 @@ pub static HOLDERS: SockHash<u32> = SockHash::with_max_entries(MAX_BALANCED, 0);
 pub static HELD_PORTS: Array<u64> = Array::with_max_entries(WATCHED_PORT_WORDS, 0);
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 
 #[inline(always)]
 pub fn lookup(ctx: &SkLookupContext) -> Option<()> {
     let l = ctx.lookup;
     // SAFETY: `l` is the program's context; each access is one field at its constant offset.
-    let (family, protocol, ip, port) = unsafe {
+    // Every field is read here, once, at its constant offset: the verifier refuses context loads
+    // through a pointer the compiler has offset, which reads in a branch below could become.
+    let (family, protocol, port, ip4, ip6) = unsafe {
         (
             read_volatile(addr_of!((*l).family)),
             read_volatile(addr_of!((*l).protocol)),
-            read_volatile(addr_of!((*l).local_ip4)),
             read_volatile(addr_of!((*l).local_port)),
+            read_volatile(addr_of!((*l).local_ip4)),
+            [
+                read_volatile(addr_of!((*l).local_ip6[0])),
+                read_volatile(addr_of!((*l).local_ip6[1])),
+                read_volatile(addr_of!((*l).local_ip6[2])),
+                read_volatile(addr_of!((*l).local_ip6[3])),
+            ],
         )
     };
-    // The holders listen on 127.0.0.1: only IPv4 connections can be given to them.
-    if protocol != IPPROTO_TCP || family != AF_INET || port > u16::MAX as u32 {
+    if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) || port > u16::MAX as u32 {
         return None;
     }
     match HELD_PORTS.get(port >> 6) {
@@ -50,8 +63,26 @@ pub fn lookup(ctx: &SkLookupContext) -> Option<()> {
         _ => return None,
     }
     let port = port as u16;
-    // local_ip4 is in network byte order: its bytes in memory order are the octets.
-    let b = match SERVICE_ADDRS.get_ptr(&EndpointKey::v4(ip.to_ne_bytes(), port)) {
+    // The addresses are in network byte order: their bytes in memory order are the octets.
+    let key = if family == AF_INET {
+        EndpointKey::v4(ip4.to_ne_bytes(), port)
+    } else {
+        let w = ip6;
+        let (a, b, c, d) = (
+            w[0].to_ne_bytes(),
+            w[1].to_ne_bytes(),
+            w[2].to_ne_bytes(),
+            w[3].to_ne_bytes(),
+        );
+        EndpointKey::new(
+            [
+                a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+                d[3],
+            ],
+            port,
+        )
+    };
+    let b = match SERVICE_ADDRS.get_ptr(&key) {
         Some(b) => b,
         None => SERVICE_ADDRS.get_ptr(&EndpointKey::any(port))?,
     };
@@ -65,5 +96,6 @@ pub fn lookup(ctx: &SkLookupContext) -> Option<()> {
     if count != 0 || holder_port == 0 {
         return None;
     }
-    HOLDERS.redirect_sk_lookup(ctx, holder_port, 0).ok()
+    let holders = if family == AF_INET { &HOLDERS } else { &HOLDERS6 };
+    holders.redirect_sk_lookup(ctx, holder_port, 0).ok()
 }

@@ -42,6 +42,12 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// A holder's IPv6 listener beside its IPv4 one: `[::1]` on the same port, for connections from
+/// outside that arrive over IPv6 (sk_lookup gives a connection only to a socket of its family).
+pub fn listen_v6_beside(port: u16) -> std::io::Result<TcpListener> {
+    listen(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)))
+}
+
 /// Holder settings.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldConfig {
@@ -100,6 +106,8 @@ pub enum HoldError {
 /// One held service: its listener, the ready replicas it forwards to, and its counters.
 pub struct Holder {
     listener: TcpListener,
+    /// The IPv6 listener, where the host has IPv6.
+    listener6: Option<TcpListener>,
     backends: watch::Receiver<Vec<SocketAddr>>,
     config: HoldConfig,
     stats: Arc<HoldStats>,
@@ -116,10 +124,28 @@ impl Holder {
     ) -> Self {
         Self {
             listener,
+            listener6: None,
             backends,
             config,
             stats: Arc::default(),
             demand,
+        }
+    }
+
+    /// Also accepts on `listener` (the IPv6 one).
+    pub fn with_ipv6(mut self, listener: TcpListener) -> Self {
+        self.listener6 = Some(listener);
+        self
+    }
+
+    /// The next connection on either listener.
+    async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        match &self.listener6 {
+            Some(v6) => tokio::select! {
+                c = self.listener.accept() => c,
+                c = v6.accept() => c,
+            },
+            None => self.listener.accept().await,
         }
     }
 
@@ -135,7 +161,7 @@ impl Holder {
     pub async fn run(self) {
         let next = Arc::new(AtomicUsize::new(0));
         loop {
-            let (client, peer) = match self.listener.accept().await {
+            let (client, peer) = match self.accept().await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "holder accept failed");

@@ -70,11 +70,21 @@ impl Holders {
                     .and_then(|l| Ok((l.local_addr()?.port(), l)))
                 {
                     Ok((port, listener)) => {
+                        let listener6 = match crate::holder::listen_v6_beside(port) {
+                            Ok(l) => Some(l),
+                            Err(e) => {
+                                tracing::warn!(service = %s.name, port, error = %e, "no IPv6 holder listener: IPv6 connections from outside are not held");
+                                None
+                            }
+                        };
                         if let Some(steering) = &mut self.steering {
-                            steering.hold(port, &listener);
+                            steering.hold(port, &listener, listener6.as_ref());
                         }
                         let (tx, rx) = watch::channel(backends.clone());
-                        let holder = Holder::new(listener, rx, self.config, Arc::clone(&self.demand));
+                        let mut holder = Holder::new(listener, rx, self.config, Arc::clone(&self.demand));
+                        if let Some(l) = listener6 {
+                            holder = holder.with_ipv6(l);
+                        }
                         let stats = holder.stats();
                         let task = tokio::spawn(holder.run());
                         tracing::info!(service = %s.name, port, "holding connections while the service has no ready replica");

@@ -41,19 +41,25 @@ pub enum SteerError {
 /// The holders' socket map; the sk_lookup program stays attached while the `Ebpf` lives.
 pub struct Steering {
     holders: SockHash<MapData, u32>,
+    holders6: SockHash<MapData, u32>,
     /// The bitmap of service ports the program looks further at, and the ports set in it.
     held_ports: Array<MapData, u64>,
     ports: BTreeSet<u16>,
 }
 
 impl Steering {
-    /// Makes `port`'s listener the socket outside connections to its service go to.
-    pub fn hold(&mut self, port: u16, listener: &impl AsRawFd) {
+    /// Makes `port`'s listeners the sockets outside connections to its service go to: the
+    /// IPv4 one, and the IPv6 one where there is one.
+    pub fn hold(&mut self, port: u16, listener: &impl AsRawFd, listener6: Option<&impl AsRawFd>) {
         match self.holders.insert(port as u32, listener.as_raw_fd(), 0) {
-            Ok(()) => tracing::debug!(port, "outside connections to the service go to its holder"),
+            Ok(()) => tracing::debug!(port, "outside IPv4 connections to the service go to its holder"),
             Err(e) => {
-                tracing::warn!(port, error = %e, "cannot steer outside connections to the holder; only this host's are held")
+                tracing::warn!(port, error = %e, "cannot steer outside IPv4 connections to the holder; only this host's are held")
             }
+        }
+        let Some(listener6) = listener6 else { return };
+        if let Err(e) = self.holders6.insert(port as u32, listener6.as_raw_fd(), 0) {
+            tracing::warn!(port, error = %e, "cannot steer outside IPv6 connections to the holder")
         }
     }
 
@@ -75,9 +81,11 @@ impl Steering {
 
     /// Stops steering to `port` (the kernel also forgets a socket once it is closed).
     pub fn release(&mut self, port: u16) {
-        match self.holders.remove(&(port as u32)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => tracing::warn!(port, error = %e, "cannot remove a holder from the socket map"),
+        for holders in [&mut self.holders, &mut self.holders6] {
+            match holders.remove(&(port as u32)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => tracing::warn!(port, error = %e, "cannot remove a holder from the socket map"),
+            }
         }
     }
 }
@@ -109,6 +117,7 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<Steering, SteerError> {
         })?;
     Ok(Steering {
         holders: take_map(ebpf, "HOLDERS")?,
+        holders6: take_map(ebpf, "HOLDERS6")?,
         held_ports: take_map(ebpf, "HELD_PORTS")?,
         ports: BTreeSet::new(),
     })

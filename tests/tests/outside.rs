@@ -6,7 +6,7 @@
 
 use std::{
     fs::File,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
     path::Path,
     process::Command,
@@ -47,12 +47,14 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// A network namespace joined to the host by a veth pair in a /30 of 10.213.0.0/16: the host side
-/// .1, the namespace side .2. Removed on drop (with the pair), also when the test panics.
+/// A network namespace joined to the host by a veth pair in a /30 of 10.213.0.0/16 (the host side
+/// .1, the namespace side .2) and in a /64 of fd53:7267:6500::/48 (::1 and ::2). Removed on drop
+/// (with the pair), also when the test panics.
 struct Outside {
     name: String,
     host_veth: String,
     host_ip: Ipv4Addr,
+    host_ip6: Ipv6Addr,
 }
 
 impl Outside {
@@ -63,16 +65,24 @@ impl Outside {
         let block = (pid * 4 + tag) % 16_384;
         let base = u32::from(Ipv4Addr::new(10, 213, 0, 0)) + block * 4;
         let (host_ip, ns_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        let net6 = [0xfd53, 0x7267, 0x6500, block as u16, 0, 0, 0];
+        let v6 = |last: u16| {
+            let [a, b, c, d, e, f, g] = net6;
+            Ipv6Addr::new(a, b, c, d, e, f, g, last)
+        };
+        let (host_ip6, ns_ip6) = (v6(1), v6(2));
         let this = Self {
             name: format!("surge-outside-{pid}-{tag}"),
             host_veth: format!("sgo{pid:x}{tag}h"),
             host_ip,
+            host_ip6,
         };
         let ns_veth = format!("sgo{pid:x}{tag}n");
         let _ = ip(&["netns", "del", &this.name]);
         let _ = ip(&["link", "del", &this.host_veth]);
         let (host_cidr, ns_cidr) = (format!("{host_ip}/30"), format!("{ns_ip}/30"));
-        let steps: [&[&str]; 8] = [
+        let (host_cidr6, ns_cidr6) = (format!("{host_ip6}/64"), format!("{ns_ip6}/64"));
+        let steps: [&[&str]; 10] = [
             &["netns", "add", &this.name],
             &[
                 "link",
@@ -86,8 +96,13 @@ impl Outside {
             ],
             &["link", "set", &ns_veth, "netns", &this.name],
             &["addr", "add", &host_cidr, "dev", &this.host_veth],
+            // No duplicate address detection: the addresses are usable at once.
+            &["addr", "add", &host_cidr6, "dev", &this.host_veth, "nodad"],
             &["link", "set", &this.host_veth, "up"],
             &["-n", &this.name, "addr", "add", &ns_cidr, "dev", &ns_veth],
+            &[
+                "-n", &this.name, "addr", "add", &ns_cidr6, "dev", &ns_veth, "nodad",
+            ],
             &["-n", &this.name, "link", "set", &ns_veth, "up"],
             &["-n", &this.name, "link", "set", "lo", "up"],
         ];
@@ -216,6 +231,24 @@ fn clients_in_another_namespace_are_held_at_zero_by_sk_lookup_and_all_answered()
         CLIENTS as u64,
         "no warm connection was held"
     );
+}
+
+#[test]
+fn ipv6_clients_in_another_namespace_are_held_at_zero_too() {
+    require_root();
+    let name = "cold-outside-v6";
+    let dir = scratch("outside-v6");
+    let outside = Outside::create(2);
+    let address = SocketAddr::new(outside.host_ip6.into(), free_port());
+    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address));
+    let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for(name, "the agent's first report at zero", |v| {
+        v["reported"] == true && v["replicas"]["current"] == 0
+    });
+
+    // Over IPv6, to an address nothing listens on: only the holder's IPv6 listener can answer.
+    send_from_outside(&outside, address, &agent);
+    every_client_held_once(&scaler, name);
 }
 
 #[test]
