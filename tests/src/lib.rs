@@ -5,6 +5,7 @@ pub mod http_client;
 pub mod kernel_cost;
 pub mod kube_env;
 pub mod load;
+pub mod prometheus;
 pub mod wrk;
 
 /// The sample service's gRPC echo protocol (`proto/echo.proto`).

@@ -17,9 +17,10 @@ use surge_proto::{
     v1::{metrics_client::MetricsClient, MetricsUpdate, SubscribeRequest},
 };
 use surge_tests::{
-    harness::{free_port, require_root, scratch, wait_listening, Agent, Proc, Sample, Scaler},
+    harness::{free_port, require_root, scratch, Agent, Proc, Sample, Scaler},
     http_client::get_text,
     load::{run, LoadSpec},
+    prometheus,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -102,39 +103,8 @@ fn send(spec: &LoadSpec) {
 
 /// A real Prometheus (Debian's package) scraping the scaler every second, on loopback.
 fn start_prometheus(dir: &Path, target: SocketAddr) -> (Proc, SocketAddr) {
-    let prometheus = Path::new("/usr/bin/prometheus");
-    assert!(
-        prometheus.exists(),
-        "/usr/bin/prometheus is missing: deploy/setup.sh installs Debian's prometheus"
-    );
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: surge\n    static_configs:\n      - targets: ['{target}']\n"
-        ),
-    )
-    .expect("prometheus.yml");
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
-    let args = [
-        format!("--config.file={}", config.display()),
-        format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
-        format!("--web.listen-address={addr}"),
-    ];
-    let mut proc = Proc::spawn("prometheus", prometheus, &args, dir);
-    wait_listening(addr, &mut proc);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !matches!(get_text(addr, "/-/ready"), Ok((200, _))) {
-        assert!(proc.is_running(), "prometheus exited:\n{}", proc.log_tail());
-        assert!(
-            Instant::now() < deadline,
-            "prometheus never got ready:\n{}",
-            proc.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (proc, addr)
+    (prometheus::start(dir, addr, "surge", target, None), addr)
 }
 
 /// The value of an instant PromQL query with a single result, if it has one.

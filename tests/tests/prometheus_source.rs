@@ -20,6 +20,7 @@ use serde_json::Value;
 use surge_tests::{
     harness::{bin, free_port, scratch, wait_listening, Proc, Scaler},
     http_client::get_text,
+    prometheus,
 };
 
 /// A `/metrics` endpoint with one gauge the test sets and a gauge with two series.
@@ -83,53 +84,7 @@ fn serve(stream: TcpStream, value: &AtomicU64) {
 /// A real Prometheus scraping `target` every second, at `addr`; with `tls` (cert, key) it
 /// serves HTTPS.
 fn start_prometheus(dir: &Path, addr: SocketAddr, target: SocketAddr, tls: Option<(&Path, &Path)>) -> Proc {
-    let prometheus = Path::new("/usr/bin/prometheus");
-    assert!(
-        prometheus.exists(),
-        "/usr/bin/prometheus is missing: deploy/setup.sh installs Debian's prometheus"
-    );
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
-             scrape_configs:\n  - job_name: exporter\n    static_configs:\n      - targets: ['{target}']\n"
-        ),
-    )
-    .expect("prometheus.yml");
-    let mut args = vec![
-        format!("--config.file={}", config.display()),
-        format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
-        format!("--web.listen-address={addr}"),
-    ];
-    if let Some((cert, key)) = tls {
-        let web = dir.join("web.yml");
-        std::fs::write(
-            &web,
-            format!(
-                "tls_server_config:\n  cert_file: {}\n  key_file: {}\n",
-                cert.display(),
-                key.display()
-            ),
-        )
-        .expect("web.yml");
-        args.push(format!("--web.config.file={}", web.display()));
-    }
-    let mut proc = Proc::spawn(&format!("prometheus-{}", addr.port()), prometheus, &args, dir);
-    wait_listening(addr, &mut proc);
-    if tls.is_none() {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !matches!(get_text(addr, "/-/ready"), Ok((200, _))) {
-            assert!(proc.is_running(), "prometheus exited:\n{}", proc.log_tail());
-            assert!(
-                Instant::now() < deadline,
-                "prometheus never got ready:\n{}",
-                proc.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    proc
+    prometheus::start(dir, addr, "exporter", target, tls)
 }
 
 fn loopback() -> SocketAddr {
