@@ -169,8 +169,8 @@ fn on_payload(
         return Ok(());
     }
     match dir {
-        Direction::Ingress => open_requests(state, starts.messages, c),
-        Direction::Egress => close_requests(state, starts.messages, c),
+        Direction::Ingress => open_requests(state, &starts, c),
+        Direction::Egress => close_requests(state, &starts, c),
     }
     Ok(())
 }
@@ -226,6 +226,7 @@ fn frame(
     s.starts.messages = 0;
     s.starts.interim = 0;
     s.starts.probes = 0;
+    s.starts.id_count = 0;
     s.starts.heads.bits = heads.bits;
     s.starts.heads.len = heads.len;
     s.side = slot;
@@ -327,15 +328,36 @@ fn load_prefix(ctx: &SkBuffContext, seg: &Segment) -> Result<([u8; PREFIX_LEN], 
     }
 }
 
+/// The ring slot of the open request of HTTP/2 stream `id` (0: none).
+#[inline(always)]
+fn own_slot(state: &ConnState, id: u32) -> Option<usize> {
+    if id == 0 {
+        return None;
+    }
+    let mut j = 0;
+    while j < START_SLOTS as u32 {
+        if j >= state.stored {
+            break;
+        }
+        let slot = (state.oldest + j) as usize & (START_SLOTS - 1);
+        if state.stream_ids[slot] == id {
+            return Some(slot);
+        }
+        j += 1;
+    }
+    None
+}
+
 #[inline(always)]
 fn now_ns() -> u64 {
     // SAFETY: a helper with no arguments and no side effects.
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// `k` requests started in one segment, now.
+/// The requests started in one segment (`starts.messages`), now.
 #[inline(always)]
-fn open_requests(state: &mut ConnState, k: u32, c: &mut ServiceCounters) {
+fn open_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounters) {
+    let k = starts.messages;
     let now = now_ns();
     let mut i = 0;
     while i < START_SLOTS as u32 {
@@ -346,6 +368,7 @@ fn open_requests(state: &mut ConnState, k: u32, c: &mut ServiceCounters) {
         if state.stored == state.open_requests && state.stored < START_SLOTS as u32 {
             let slot = (state.oldest + state.stored) as usize & (START_SLOTS - 1);
             state.starts[slot] = now;
+            state.stream_ids[slot] = starts.stream_of(i);
             state.stored += 1;
         } else if state.stored == state.open_requests {
             state.request_start_ns = now;
@@ -364,13 +387,15 @@ fn open_requests(state: &mut ConnState, k: u32, c: &mut ServiceCounters) {
     counters::add_i64(&mut c.inflight_time_sum, now as i64 * k as i64);
 }
 
-/// `k` final responses (or stream ends) in one segment: each ends the oldest open request.
+/// The final responses (or HTTP/2 stream ends) in one segment (`starts.messages`): each ends
+/// its own stream's request where the stream id is known (HTTP/2 answers in any order), else
+/// the oldest open request (HTTP/1.1 answers in order).
 #[inline(always)]
-fn close_requests(state: &mut ConnState, k: u32, c: &mut ServiceCounters) {
-    let k = if k > state.open_requests {
+fn close_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounters) {
+    let k = if starts.messages > state.open_requests {
         state.open_requests
     } else {
-        k
+        starts.messages
     };
     if k == 0 {
         return;
@@ -382,7 +407,19 @@ fn close_requests(state: &mut ConnState, k: u32, c: &mut ServiceCounters) {
         if i >= k || state.stored == 0 {
             break;
         }
-        let slot = state.oldest as usize & (START_SLOTS - 1);
+        let oldest = state.oldest as usize & (START_SLOTS - 1);
+        // This stream's own start, moved out of the ring by putting the oldest in its place
+        // (order only matters for HTTP/1.1, whose ids are all 0 and always take the oldest).
+        let slot = match own_slot(state, starts.stream_of(i)) {
+            Some(own) => {
+                let start = state.starts[own];
+                state.starts[own] = state.starts[oldest];
+                state.stream_ids[own] = state.stream_ids[oldest];
+                state.starts[oldest] = start;
+                oldest
+            }
+            None => oldest,
+        };
         let latency = now.saturating_sub(state.starts[slot]);
         state.oldest = (state.oldest + 1) & (START_SLOTS as u32 - 1);
         state.stored -= 1;

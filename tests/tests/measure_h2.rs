@@ -5,7 +5,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 use surge_proto::externalscaler::{external_scaler_client::ExternalScalerClient, ScaledObjectRef};
-use surge_tests::harness::{free_port, require_root, scratch, Agent, Scaler};
+use surge_tests::{
+    harness::{free_port, require_root, scratch, Agent, Scaler},
+    http_client::get_text,
+};
 use tonic::transport::Endpoint;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -135,6 +138,127 @@ fn http2_requests_over_one_connection_are_counted_exactly() {
     assert!(
         (p50 - 20.0).abs() <= 2.0,
         "p50 {p50} ms ({p50s:?}), the server waits 20 ms"
+    );
+}
+
+/// An h2c server that answers each stream after the milliseconds its path names (`/ms/400`).
+async fn h2_server_delay_by_path(listener: tokio::net::TcpListener) {
+    while let Ok((sock, _)) = listener.accept().await {
+        let _ = sock.set_nodelay(true);
+        tokio::spawn(async move {
+            let Ok(mut conn) = h2::server::handshake(sock).await else {
+                return;
+            };
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let ms: u64 = req.uri().path().trim_start_matches("/ms/").parse().unwrap_or(0);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let response = http::Response::builder().status(200).body(()).expect("response");
+                    if let Ok(mut body) = respond.send_response(response, false) {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"done\n"), true);
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// The cumulative count of `service`'s latency histogram at the largest bucket bound ≤ `seconds`,
+/// and the total count, from /metrics.
+fn latency_counts(scaler: &Scaler, service: &str, seconds: f64) -> (u64, u64) {
+    let (_, text) = get_text(scaler.http, "/metrics").expect("/metrics");
+    let suffix = format!("\",service=\"{service}\"}}");
+    let mut at = (0.0, 0);
+    let mut total = 0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("surge_service_request_latency_seconds_bucket{le=\"") else {
+            continue;
+        };
+        let Some((le, count)) = rest.split_once(&suffix) else {
+            continue;
+        };
+        let count: u64 = count.trim().parse().expect("a count");
+        if le == "+Inf" {
+            total = count;
+        } else {
+            let le: f64 = le.parse().expect("a bound");
+            if le <= seconds && le >= at.0 {
+                at = (le, count);
+            }
+        }
+    }
+    (at.1, total)
+}
+
+/// A server answers HTTP/2 streams in any order: a long request started first ends after short
+/// ones started later on the same connection. Each stream's latency is its own (matching ends to
+/// the oldest start would make every one of them about 100-150 ms here).
+#[test]
+fn http2_streams_answered_out_of_order_each_get_their_own_latency() {
+    require_root();
+    let dir = scratch("h2-order");
+    let rt = runtime();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    rt.spawn(h2_server_delay_by_path(listener));
+    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2o={addr}")]);
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for("h2o", "first report", |v| v["reported"] == true);
+    scaler.wait_reports(3);
+
+    let rounds = 5;
+    let answered = rt.block_on(async move {
+        let sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        sock.set_nodelay(true).expect("nodelay");
+        let (client, conn) = h2::client::handshake(sock).await.expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut answered = 0;
+        for _ in 0..rounds {
+            // One stream of 400 ms, then every 100 ms one of 50 ms: they all end before it.
+            let mut streams = Vec::new();
+            for (i, ms) in [400u64, 50, 50, 50].into_iter().enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let mut c = client.clone().ready().await.expect("ready");
+                let req = http::Request::get(format!("http://{addr}/ms/{ms}"))
+                    .body(())
+                    .expect("request");
+                let (resp, _) = c.send_request(req, true).expect("sent");
+                streams.push(tokio::spawn(async move {
+                    let resp = resp.await.expect("answered");
+                    let mut body = resp.into_body();
+                    while let Some(Ok(chunk)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                    }
+                }));
+            }
+            for s in streams {
+                s.await.expect("stream");
+                answered += 1;
+            }
+        }
+        answered
+    });
+    assert_eq!(answered, 4 * rounds);
+    scaler.wait_reports(3);
+    let v = scaler.service("h2o");
+    assert_eq!(count(&v, "requests_total"), 4 * rounds as u64, "{v}");
+    let (fast, total) = latency_counts(&scaler, "h2o", 0.2);
+    let (below_300ms, _) = latency_counts(&scaler, "h2o", 0.3);
+    assert_eq!(total, 4 * rounds as u64);
+    assert_eq!(
+        fast,
+        3 * rounds as u64,
+        "the 50 ms streams, and only they, are under 200 ms"
+    );
+    assert_eq!(
+        below_300ms, fast,
+        "nothing between 200 and 300 ms: the 400 ms streams are 400 ms"
     );
 }
 

@@ -86,6 +86,9 @@ pub struct ConnState {
     /// they started (HTTP/1.1 answers in order; an HTTP/2 stream's end is matched to the oldest
     /// open stream).
     pub starts: [u64; START_SLOTS],
+    /// HTTP/2: the stream id of each start in `starts` (0: unknown, or HTTP/1), so a stream's end
+    /// finds its own start.
+    pub stream_ids: [u32; START_SLOTS],
     /// Ring index of the oldest start, and how many slots hold one.
     pub oldest: u32,
     pub stored: u32,

@@ -89,11 +89,40 @@ pub struct Starts {
     /// that probes are not traffic. Found in the headers, so maybe in a later segment than
     /// the request's start.
     pub probes: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// HTTP/2: how many of `ids` are set (at most [`STREAM_IDS`]).
+    pub id_count: u32,
+    /// HTTP/2: the stream ids of the first messages counted in the bytes fed, in order (the
+    /// streams a request opened, or a response ended), so each end is matched to its own
+    /// stream's start whatever order the server answers in.
+    pub ids: [u32; STREAM_IDS],
     /// Which open requests are HEAD, oldest first; carried between segments and between the
     /// two directions by the caller (the kernel keeps it in the connection's state).
     pub heads: HeadQueue,
+}
+
+/// How many HTTP/2 stream ids one segment's [`Starts`] keeps.
+pub const STREAM_IDS: usize = 4;
+
+impl Starts {
+    /// HTTP/2: a message of stream `id` was counted.
+    #[inline(always)]
+    fn note_stream(&mut self, id: u32) {
+        let i = self.id_count as usize;
+        if i < STREAM_IDS {
+            self.ids[i & (STREAM_IDS - 1)] = id;
+            self.id_count += 1;
+        }
+    }
+
+    /// The stream id of the `i`th message counted, if it was kept (HTTP/2 only).
+    #[inline(always)]
+    pub fn stream_of(&self, i: u32) -> u32 {
+        if i < self.id_count && (i as usize) < STREAM_IDS {
+            self.ids[i as usize & (STREAM_IDS - 1)]
+        } else {
+            0
+        }
+    }
 }
 
 /// A bit per open request, oldest first: 1 for a HEAD request, whose response has headers
@@ -368,6 +397,7 @@ impl Framer {
                 if kind == H2_HEADERS && id > self.last_stream {
                     self.last_stream = id;
                     starts.messages += 1;
+                    starts.note_stream(id);
                 }
             }
             Side::Responses => {
@@ -375,6 +405,7 @@ impl Framer {
                     || (kind == H2_RST_STREAM && id != 0)
                 {
                     starts.messages += 1;
+                    starts.note_stream(id);
                 }
             }
         }
