@@ -204,6 +204,21 @@ pub struct Framer {
     pub last_stream: u32,
 }
 
+/// Whether `buf[at..]` starts with `name` (lowercase, at most [`WINDOW`] bytes), ignoring case.
+#[inline(always)]
+fn window_matches(buf: &[u8; CHUNK], at: usize, name: &[u8]) -> bool {
+    let mut k = 0;
+    while k < name.len() && k < WINDOW {
+        // The mask changes nothing (the caller keeps at + WINDOW ≤ CHUNK); it shows the bound
+        // to the verifier.
+        if lower(buf[(at + k) & (CHUNK - 1)]) != name[k] {
+            return false;
+        }
+        k += 1;
+    }
+    true
+}
+
 /// The index of the first `\n` in `buf[from..n]`, or `n`: eight bytes at a time, with
 /// constant indices only.
 #[inline(always)]
@@ -687,25 +702,18 @@ impl Framer {
     /// the name ends the line either way).
     #[inline(always)]
     pub fn take_header_name(&mut self, buf: &[u8; CHUNK], at: usize) -> usize {
-        let mut content_length = true;
-        let mut transfer_encoding = true;
-        let mut user_agent = self.flags & F_RESPONSE == 0;
-        let mut k = 0;
-        while k < WINDOW {
-            // The mask changes nothing (the caller keeps at + WINDOW ≤ CHUNK); it shows the
-            // bound to the verifier.
-            let c = lower(buf[(at + k) & (CHUNK - 1)]);
-            if k < CONTENT_LENGTH.len() && c != CONTENT_LENGTH[k] {
-                content_length = false;
-            }
-            if c != TRANSFER_ENCODING[k] {
-                transfer_encoding = false;
-            }
-            if k < USER_AGENT.len() && c != USER_AGENT[k] {
-                user_agent = false;
-            }
-            k += 1;
-        }
+        // The first letter tells which name it can be: most headers are none of them and are
+        // skipped after one byte, and at most one name is compared.
+        let first = lower(buf[at & (CHUNK - 1)]);
+        let content_length = first == CONTENT_LENGTH[0] && window_matches(buf, at, CONTENT_LENGTH);
+        let transfer_encoding = !content_length
+            && first == TRANSFER_ENCODING[0]
+            && window_matches(buf, at, &TRANSFER_ENCODING[..WINDOW]);
+        let user_agent = !content_length
+            && !transfer_encoding
+            && first == USER_AGENT[0]
+            && self.flags & F_RESPONSE == 0
+            && window_matches(buf, at, USER_AGENT);
         if user_agent {
             self.start_user_agent();
             USER_AGENT.len()
