@@ -262,6 +262,136 @@ fn http2_streams_answered_out_of_order_each_get_their_own_latency() {
     );
 }
 
+/// One HTTP/2 frame.
+fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Reads whole frames from `from` until `ends` streams have ended (END_STREAM); returns the ids
+/// of the HEADERS frames seen. `buf` holds bytes read but not yet taken.
+fn read_frames(from: &mut std::net::TcpStream, buf: &mut Vec<u8>, ends: usize) -> Vec<u32> {
+    use std::io::Read;
+    let (mut headers, mut ended) = (Vec::new(), 0);
+    while ended < ends {
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            if kind == 1 {
+                headers.push(stream);
+            }
+            if (kind == 0 || kind == 1) && flags & 1 != 0 {
+                ended += 1;
+            }
+            buf.drain(..9 + len);
+        }
+        if ended >= ends {
+            break;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = from.read(&mut chunk).expect("read frames");
+        assert!(n > 0, "the peer closed early");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    headers
+}
+
+/// A client that upgrades an HTTP/1.1 connection to HTTP/2 (h2c, RFC 7540 §3.2), as curl's
+/// `--http2` does without TLS: the kernel follows the connection from HTTP/1.1 into HTTP/2.
+#[test]
+fn an_h2c_upgrade_is_followed_into_http2() {
+    use std::io::{Read, Write};
+
+    require_root();
+    let dir = scratch("h2c-upgrade");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let streams = [3u32, 5, 7, 9, 11];
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().expect("accept");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            c.read_exact(&mut byte).expect("upgrade request");
+            head.push(byte[0]);
+        }
+        let mut out =
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n".to_vec();
+        frame(&mut out, 4, 0, 0, &[]);
+        c.write_all(&out).expect("101");
+        let mut preface = [0u8; 24];
+        c.read_exact(&mut preface).expect("client preface");
+        let mut buf = Vec::new();
+        let opened = read_frames(&mut c, &mut buf, streams.len());
+        // The upgrade request's own answer on stream 1 comes after the client's streams are
+        // open: the 101 answered that request already, so this end must not end another.
+        let mut out = Vec::new();
+        frame(&mut out, 1, 4, 1, &[0x88]);
+        frame(&mut out, 0, 1, 1, b"upgraded\n");
+        c.write_all(&out).expect("stream 1");
+        // The client's streams take 300 ms each.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut out = Vec::new();
+        for id in opened.iter().rev() {
+            frame(&mut out, 1, 4, *id, &[0x88]);
+            frame(&mut out, 0, 1, *id, b"ok\n");
+        }
+        c.write_all(&out).expect("responses");
+        opened
+    });
+    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2c={addr}")]);
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for("h2c", "first report", |v| v["reported"] == true);
+    scaler.wait_reports(3);
+
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_nodelay(true).expect("nodelay");
+    c.write_all(
+        b"GET / HTTP/1.1\r\nHost: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
+    .expect("upgrade request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        c.read_exact(&mut byte).expect("101");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut buf = Vec::new();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, 4, 0, 0, &[]);
+    for id in streams {
+        frame(&mut out, 1, 5, id, &[0x82, 0x86, 0x84]);
+    }
+    c.write_all(&out).expect("streams");
+    let answered = read_frames(&mut c, &mut buf, 1 + streams.len());
+    assert_eq!(answered.len(), 1 + streams.len(), "stream 1 and the client's");
+    assert_eq!(server.join().expect("server"), streams);
+    drop(c);
+
+    scaler.wait_reports(3);
+    let v = scaler.service("h2c");
+    // The upgrade request (answered by the 101) and the five streams.
+    assert_eq!(count(&v, "requests_total"), 1 + streams.len() as u64, "{v}");
+    assert_eq!(count(&v, "responses_total"), 1 + streams.len() as u64, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+    // The 101 came at once; each stream took its 300 ms (had stream 1's end been taken for a
+    // stream's, one of them would be near 0 ms and the last end would be left over).
+    let (fast, total) = latency_counts(&scaler, "h2c", 0.2);
+    assert_eq!((fast, total), (1, 1 + streams.len() as u64), "{v}");
+}
+
 #[test]
 fn grpc_unary_calls_are_counted_exactly() {
     require_root();

@@ -65,6 +65,9 @@ const F_NO_BODY: u8 = 2;
 const F_RESPONSE: u8 = 4;
 const F_TO_CLOSE: u8 = 8;
 const F_HAS_CL: u8 = 16;
+/// After a `101 Switching Protocols`: the next bytes must be an HTTP/2 server preface (an h2c
+/// upgrade), or the stream is given up (a WebSocket, say).
+const F_SWITCHED: u8 = 32;
 
 /// Which side of the conversation a framer reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -416,8 +419,11 @@ impl Framer {
                 }
             }
             Side::Responses => {
-                if ((kind == H2_DATA || kind == H2_HEADERS) && flags & H2_END_STREAM != 0 && id != 0)
-                    || (kind == H2_RST_STREAM && id != 0)
+                // After an h2c upgrade, stream 1 is the upgrade request, answered by the 101.
+                if ((kind == H2_DATA || kind == H2_HEADERS)
+                    && flags & H2_END_STREAM != 0
+                    && id > self.last_stream)
+                    || (kind == H2_RST_STREAM && id > self.last_stream)
                 {
                     starts.messages += 1;
                     starts.note_stream(id);
@@ -429,6 +435,15 @@ impl Framer {
             self.h2_next_frame();
         } else {
             self.phase = H2_PAYLOAD;
+        }
+    }
+
+    /// A server's HTTP/2 preface starts: after a `101` (an h2c upgrade), stream 1 is the
+    /// upgrade request, whose answer (the 101) was counted already; its end on stream 1 is not.
+    #[inline(always)]
+    fn after_upgrade(&mut self) {
+        if self.flags & F_SWITCHED != 0 {
+            self.last_stream = 1;
         }
     }
 
@@ -444,6 +459,11 @@ impl Framer {
     /// The start line's head is complete: classify it and count the message.
     #[inline(always)]
     fn classify_head(&mut self, side: Side, starts: &mut Starts) {
+        if self.flags & F_SWITCHED != 0 {
+            // Switched to a protocol that is not HTTP/2.
+            self.lose();
+            return;
+        }
         let len = self.head_len as usize;
         let kind = classify(&self.head, if len > PREFIX_LEN { PREFIX_LEN } else { len });
         self.flags = 0;
@@ -489,7 +509,8 @@ impl Framer {
     fn headers_done(&mut self) {
         let f = self.flags;
         if f & F_TO_CLOSE != 0 {
-            self.lose();
+            self.done();
+            self.flags = F_SWITCHED;
         } else if f & F_NO_BODY != 0 {
             self.done();
         } else if f & F_CHUNKED != 0 {
@@ -544,6 +565,7 @@ impl Framer {
                     && self.head[8] == 0
                 {
                     self.remaining = ((self.head[1] as u64) << 8) | self.head[2] as u64;
+                    self.after_upgrade();
                     self.flags = 0;
                     self.phase = if self.remaining == 0 {
                         H2_HEADER
@@ -875,6 +897,7 @@ impl Framer {
             && buf[8] == 0
         {
             self.remaining = ((buf[1] as u64) << 8) | buf[2] as u64;
+            self.after_upgrade();
             self.flags = 0;
             self.phase = if self.remaining == 0 {
                 H2_HEADER

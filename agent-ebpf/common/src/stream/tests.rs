@@ -3,7 +3,7 @@
 
 extern crate std;
 
-use std::{format, vec::Vec};
+use std::{format, vec, vec::Vec};
 
 use proptest::prelude::*;
 
@@ -377,6 +377,64 @@ fn protocol_switches_and_unframed_responses_stop_counting() {
     );
     assert_eq!(s.messages, 0);
     assert!(f.is_h2());
+}
+
+/// An h2c upgrade (RFC 7540 §3.2): the upgrade request is an HTTP/1.1 request answered by the
+/// 101; then both sides speak HTTP/2, the client's streams starting at 3. Followed whatever the
+/// segments.
+#[test]
+fn an_h2c_upgrade_is_followed_into_http2() {
+    let mut requests = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+        Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        .to_vec();
+    requests.extend_from_slice(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    h2_frame(&mut requests, H2_SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]);
+    for stream in [3, 5, 7] {
+        h2_frame(
+            &mut requests,
+            H2_HEADERS,
+            H2_END_STREAM | 4,
+            stream,
+            &[0x82, 0x86, 0x84],
+        );
+    }
+    let mut responses =
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n".to_vec();
+    h2_frame(&mut responses, H2_SETTINGS, 0, 0, &[]);
+    // Stream 1: the upgrade request's answer in HTTP/2, already counted as the 101.
+    h2_frame(&mut responses, H2_HEADERS, 4, 1, &[0x88]);
+    h2_frame(&mut responses, H2_DATA, H2_END_STREAM, 1, b"upgraded");
+    for stream in [5, 3, 7] {
+        h2_frame(&mut responses, H2_HEADERS, 4, stream, &[0x88]);
+        h2_frame(&mut responses, H2_DATA, H2_END_STREAM, stream, b"ok");
+    }
+    let mut r = Rng(11);
+    for round in 0..2000 {
+        let (req_segments, resp_segments) = if round == 0 {
+            (vec![&requests[..]], vec![&responses[..]])
+        } else {
+            (split(&mut r, &requests), split(&mut r, &responses))
+        };
+        let (s, f) = feed_all(&req_segments, Side::Requests);
+        assert_eq!(
+            s.messages, 4,
+            "round {round}: the upgrade request and streams 3, 5, 7"
+        );
+        assert!(f.is_h2(), "round {round}");
+        let (s, f) = feed_all(&resp_segments, Side::Responses);
+        assert_eq!(s.messages, 4, "round {round}: the 101 and streams 5, 3, 7");
+        assert!(f.is_h2() && !f.is_lost(), "round {round}");
+    }
+    // After a 101 to anything but HTTP/2 (a WebSocket), nothing more is counted.
+    let (s, f) = feed_all(
+        &[
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+            b"\x81\x1bhello over a websocket frame",
+        ],
+        Side::Responses,
+    );
+    assert_eq!(s.messages, 1);
+    assert!(f.is_lost());
 }
 
 /// Requests, some HEAD, then their responses on the same connection: a HEAD response's
