@@ -55,6 +55,10 @@ pub struct Args {
     /// clients get 503 with Retry-After and others are closed.
     #[arg(long, env = "SURGE_HOLD_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub hold_timeout: Duration,
+    /// How long a stopping agent (SIGTERM) goes on while connections are held or relayed, 0s to
+    /// 10m: held clients get their answer rather than a reset when the agent is restarted.
+    #[arg(long, env = "SURGE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
     /// Bytes buffered per held connection, 1KiB to 64MiB; when full, the holder stops reading
     /// and the client waits (its bytes stay in the kernel, none is dropped).
     #[arg(long, env = "SURGE_HOLD_BUFFER", default_value = "64KiB", value_parser = crate::bytesize::parse)]
@@ -127,6 +131,8 @@ pub struct Settings {
     pub report_interval: Duration,
     pub hold_timeout: Duration,
     pub hold_buffer: usize,
+    /// How long a stopping agent waits for its held and relayed connections.
+    pub drain_timeout: Duration,
     /// Where the load balancer stays pinned (see pins.rs).
     pub pin_dir: PathBuf,
 }
@@ -192,6 +198,15 @@ impl Settings {
                 max: "10m".into(),
             });
         }
+        let drain_timeout = args.drain_timeout;
+        if drain_timeout > Duration::from_secs(600) {
+            return Err(ConfigError::OutOfRange {
+                field: "drain-timeout",
+                value: humantime::format_duration(drain_timeout).to_string(),
+                min: "0s".into(),
+                max: "10m".into(),
+            });
+        }
         let hold_buffer = args.hold_buffer;
         if !(MIN_HOLD_BUFFER..=MAX_HOLD_BUFFER).contains(&hold_buffer) {
             return Err(ConfigError::OutOfRange {
@@ -208,6 +223,7 @@ impl Settings {
             report_interval,
             hold_timeout,
             hold_buffer,
+            drain_timeout,
             pin_dir,
         })
     }
@@ -247,6 +263,16 @@ mod tests {
             err.to_string(),
             "report-interval = 50ms, must be between 100ms and 60s"
         );
+    }
+
+    #[test]
+    fn drain_timeout_out_of_range_names_the_field_and_range() {
+        let err = Settings::resolve(&args(&["--drain-timeout", "11m"]), None, "h").unwrap_err();
+        assert_eq!(err.to_string(), "drain-timeout = 11m, must be between 0s and 10m");
+        let s = Settings::resolve(&args(&["--drain-timeout", "0s"]), None, "h").expect("0s: no drain");
+        assert_eq!(s.drain_timeout, Duration::ZERO);
+        let s = Settings::resolve(&args(&[]), None, "h").expect("valid");
+        assert_eq!(s.drain_timeout, Duration::from_secs(10));
     }
 
     #[test]

@@ -113,6 +113,8 @@ pub struct Holder {
     stats: Arc<HoldStats>,
     /// Told whenever a connection arrives, so the agent reports demand at once.
     demand: Arc<Notify>,
+    /// Also counts the connections in hand (held or relayed) here, if given.
+    in_hand: Option<Arc<AtomicUsize>>,
 }
 
 impl Holder {
@@ -129,7 +131,14 @@ impl Holder {
             config,
             stats: Arc::default(),
             demand,
+            in_hand: None,
         }
+    }
+
+    /// Also counts each connection in `gauge` from its accept to its end (relay included).
+    pub fn counted_in(mut self, gauge: Arc<AtomicUsize>) -> Self {
+        self.in_hand = Some(gauge);
+        self
     }
 
     /// Also accepts on `listener` (the IPv6 one).
@@ -172,15 +181,22 @@ impl Holder {
             let accepted = Instant::now();
             self.stats.held_total.fetch_add(1, Ordering::Relaxed);
             self.stats.held_now.fetch_add(1, Ordering::Relaxed);
+            if let Some(gauge) = &self.in_hand {
+                gauge.fetch_add(1, Ordering::AcqRel);
+            }
             self.demand.notify_one();
-            let (backends, config, stats, next) = (
+            let (backends, config, stats, next, in_hand) = (
                 self.backends.clone(),
                 self.config,
                 Arc::clone(&self.stats),
                 Arc::clone(&next),
+                self.in_hand.clone(),
             );
             tokio::spawn(async move {
                 let result = hold(client, accepted, backends, config, &stats, &next).await;
+                if let Some(gauge) = in_hand {
+                    gauge.fetch_sub(1, Ordering::AcqRel);
+                }
                 if let Err(e) = result {
                     tracing::debug!(client = %peer, error = %e, "held connection ended");
                 }

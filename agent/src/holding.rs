@@ -7,7 +7,10 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{atomic::Ordering, Arc},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
 use surge_proto::v1::{ServiceCounters, WatchSet};
@@ -35,6 +38,8 @@ pub struct Holders {
     by_service: HashMap<String, Held>,
     /// Where connections from outside are steered; none when sk_lookup is not attached.
     steering: Option<Steering>,
+    /// Connections the holders have in hand (held, or handed over and relayed), all services.
+    in_hand: Arc<AtomicUsize>,
 }
 
 impl Holders {
@@ -44,7 +49,14 @@ impl Holders {
             demand: Arc::new(Notify::new()),
             by_service: HashMap::new(),
             steering,
+            in_hand: Arc::default(),
         }
+    }
+
+    /// How many connections the holders have in hand, kept up to date by them: a stopping agent
+    /// waits for it to reach 0.
+    pub fn in_hand(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.in_hand)
     }
 
     pub fn demand(&self) -> Arc<Notify> {
@@ -81,7 +93,8 @@ impl Holders {
                             steering.hold(port, &listener, listener6.as_ref());
                         }
                         let (tx, rx) = watch::channel(backends.clone());
-                        let mut holder = Holder::new(listener, rx, self.config, Arc::clone(&self.demand));
+                        let mut holder = Holder::new(listener, rx, self.config, Arc::clone(&self.demand))
+                            .counted_in(Arc::clone(&self.in_hand));
                         if let Some(l) = listener6 {
                             holder = holder.with_ipv6(l);
                         }

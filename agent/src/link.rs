@@ -3,7 +3,10 @@
 //! counters are cumulative, so the first report after reconnecting carries everything.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -49,7 +52,9 @@ impl Instance {
 
 /// Runs until `shutdown` turns true: connects, streams, reconnects with backoff. The scaler's
 /// watch set, with `local` pods added, is what the kernel watches; a change of either applies at
-/// once, also while the scaler is away.
+/// once, also while the scaler is away. After `shutdown`, it goes on as before while the holders
+/// still have connections in hand (held, or handed to a replica and relayed), for at most the
+/// drain timeout: a restarted agent lets held clients get their answer rather than a reset.
 pub async fn run(
     settings: Settings,
     node: Arc<Mutex<Node>>,
@@ -69,6 +74,12 @@ pub async fn run(
         steering,
     );
     let mut watching = Watching { scaler: None, local };
+    let in_hand = holders.in_hand();
+    let stop = async {
+        let _ = shutdown.changed().await;
+        drain(&in_hand, settings.drain_timeout).await;
+    };
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             result = session(&settings, &node, &clock, &mut instance, &mut backoff, &mut holders, &mut watching) => {
@@ -76,14 +87,14 @@ pub async fn run(
                     tracing::warn!(scaler = %settings.scaler, error = %e, "scaler link down; retrying");
                 }
             }
-            _ = shutdown.changed() => return,
+            () = &mut stop => return,
         }
         let sleep = tokio::time::sleep(backoff.next_delay(rand::random::<f64>()));
         tokio::pin!(sleep);
         loop {
             tokio::select! {
                 _ = &mut sleep => break,
-                _ = shutdown.changed() => return,
+                () = &mut stop => return,
                 () = local_changed(&mut watching.local) => {
                     if let Err(e) = watching.apply(&node, &mut holders).await {
                         tracing::warn!(error = %e, "applying this node's pods failed");
@@ -91,6 +102,28 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// Waits until the holders have no connection in hand, or `timeout` has passed.
+async fn drain(in_hand: &AtomicUsize, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let left = in_hand.load(Ordering::Acquire);
+    if left == 0 {
+        return;
+    }
+    tracing::info!(connections = left, timeout = ?timeout, "stopping once the held connections are answered");
+    loop {
+        let left = in_hand.load(Ordering::Acquire);
+        if left == 0 {
+            tracing::info!("every held connection answered");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(connections = left, "drain timeout: these connections are cut");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -287,3 +287,57 @@ fn a_request_body_larger_than_the_hold_buffer_arrives_intact() {
     drop(c);
     assert_eq!(hold_histogram_counts_every_hold(&scaler, name), 1);
 }
+
+/// An agent stopped (SIGTERM) while it holds connections goes on until each is answered (bounded
+/// by its drain timeout), then exits: a restarted agent answers its held clients rather than
+/// resetting them.
+#[test]
+fn clients_held_while_the_agent_stops_still_get_their_answer() {
+    require_root();
+    let name = "cold-agent-stops";
+    let dir = scratch("zero-agent-stops");
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address, "2s", &[]));
+    let mut agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for(name, "the agent's first report at zero", |v| {
+        v["reported"] == true && v["replicas"]["current"] == 0
+    });
+
+    let clients = 20;
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut c = Connection::open(address).map_err(|e| format!("client {i}: {e}"))?;
+                let sent = format!("held client {i}");
+                let reply = c
+                    .request("POST", "/mirror", sent.as_bytes(), true)
+                    .map_err(|e| format!("client {i}: {e}"))?;
+                if reply.status != 200 || reply.body != sent.as_bytes() {
+                    return Err(format!("client {i}: status {}, {:?}", reply.status, reply.body));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    scaler.wait_for(name, "every client held", |v| v["held_connections"] == clients);
+    let pid = agent.proc.pid().expect("the agent runs");
+    // SAFETY: a signal to the agent this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+
+    for t in threads {
+        t.join()
+            .expect("client thread")
+            .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.proc.log_tail()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.proc.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never stopped:\n{}",
+            agent.proc.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(&agent.proc.log).expect("the agent's log");
+    assert!(log.contains("every held connection answered"), "{log}");
+}

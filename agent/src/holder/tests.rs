@@ -1,4 +1,4 @@
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -241,4 +241,29 @@ async fn a_grpc_client_gets_unavailable_on_timeout() {
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
     assert_eq!(status.message(), "no replica became ready in time");
     assert_eq!(stats.timeouts_total.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn the_gauge_counts_a_connection_from_accept_to_the_end_of_its_relay() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (tx, rx) = watch::channel(Vec::new());
+    let gauge = Arc::new(AtomicUsize::new(0));
+    let demand = Arc::new(Notify::new());
+    let h = Holder::new(l, rx, HoldConfig::default(), Arc::clone(&demand)).counted_in(Arc::clone(&gauge));
+    let addr = h.local_addr().expect("addr");
+    tokio::spawn(h.run());
+    let mut c = TcpStream::connect(addr).await.expect("connect");
+    c.write_all(b"ping").await.expect("write");
+    demand.notified().await;
+    assert_eq!(gauge.load(Ordering::Acquire), 1, "held");
+    tx.send_replace(vec![echo_replica().await]);
+    let mut got = [0u8; 4];
+    c.read_exact(&mut got).await.expect("relayed");
+    assert_eq!(gauge.load(Ordering::Acquire), 1, "relayed");
+    drop(c);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gauge.load(Ordering::Acquire) != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the relay never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
