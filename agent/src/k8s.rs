@@ -102,8 +102,10 @@ async fn run(client: Client, options: Options, tx: watch::Sender<View>, mut stop
         .map(|e| (Source::Pods, e.map(|ev| matches!(ev, watcher::Event::InitDone))));
     // Only slices of a Service (they carry its name); the pods pick the few that matter.
     let of_services = watcher::Config::default().labels(SERVICE_NAME_LABEL);
+    let node = options.node.clone();
     let slices = watcher(Api::<EndpointSlice>::all(client), of_services)
         .default_backoff()
+        .modify(move |slice| pods::trim_slice(&node, slice))
         .reflect(slice_writer)
         .map(|e| (Source::Slices, e.map(|ev| matches!(ev, watcher::Event::InitDone))));
     let mut events = std::pin::pin!(futures::stream::select(pods, slices));

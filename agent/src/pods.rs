@@ -231,6 +231,25 @@ pub fn view<'a>(
     (out, skipped)
 }
 
+/// Reduces an EndpointSlice to what [`view`] reads for `node`, before it is kept: endpoints of
+/// pods on other nodes go (those whose node is not given stay, and [`view`] still matches them
+/// to this node's pods), and so do the metadata fields nothing reads. The agent keeps every
+/// Service's slices of the cluster, so what it keeps of each is this node's share.
+pub fn trim_slice(node: &str, slice: &mut EndpointSlice) {
+    slice
+        .endpoints
+        .retain(|ep| ep.node_name.as_deref().is_none_or(|n| n == node));
+    for ep in &mut slice.endpoints {
+        ep.hints = None;
+        ep.deprecated_topology = None;
+        ep.zone = None;
+    }
+    let meta = &mut slice.metadata;
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+}
+
 /// The scaler's watch set with this node's pods added to the services it names: their endpoints
 /// (those the scaler already lists are not repeated) and their cgroups. Services the scaler does
 /// not name are not added: the scaler decides what is watched, the node fills in what it runs.

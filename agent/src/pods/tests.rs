@@ -358,3 +358,46 @@ fn changes_name_the_services_that_differ() {
     assert_eq!(names, vec!["a/y", "a/z"]);
     assert!(c[0].1.pods.is_empty());
 }
+
+#[test]
+fn a_kept_slice_holds_only_this_nodes_share_and_gives_the_same_view() {
+    let pods = [
+        pod("shop", "web-1", UID_A, "node-a", Some("Burstable"), "Running"),
+        pod("shop", "web-2", UID_B, "node-a", Some("Burstable"), "Running"),
+    ];
+    let mut full = slice(
+        "shop",
+        "web",
+        json!([{"port": 8080}]),
+        &[
+            ("10.1.0.5", "web-1", Some(UID_A)),
+            ("10.1.0.6", "web-2", Some(UID_B)),
+            ("10.2.0.5", "web-8", None),
+            ("10.2.0.6", "web-9", None),
+        ],
+    );
+    // web-1 and the two pods of node-b carry their node; web-2's endpoint does not.
+    full.endpoints[0].node_name = Some("node-a".into());
+    full.endpoints[2].node_name = Some("node-b".into());
+    full.endpoints[3].node_name = Some("node-b".into());
+    full.metadata.annotations = Some([("a".to_string(), "x".repeat(4096))].into_iter().collect());
+    let mut kept = full.clone();
+    trim_slice("node-a", &mut kept);
+    let names: Vec<_> = kept
+        .endpoints
+        .iter()
+        .map(|e| {
+            e.target_ref
+                .as_ref()
+                .and_then(|r| r.name.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(names, ["web-1", "web-2"]);
+    assert_eq!(kept.metadata.annotations, None);
+    let root = Path::new(ROOT);
+    assert_eq!(
+        view("node-a", &pods, [&kept], root, Some(Driver::Systemd)),
+        view("node-a", &pods, [&full], root, Some(Driver::Systemd)),
+    );
+}
