@@ -6,7 +6,7 @@
 
 use std::{
     fs::File,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
     path::Path,
     process::Command,
@@ -187,18 +187,25 @@ fn every_client_held_once(scaler: &Scaler, name: &str) {
     assert_eq!(v["hold_duration_count"], CLIENTS as u64, "{v}");
 }
 
+/// A scaler with service `name` at zero on `ip` (a free port) and an agent, once the agent has
+/// reported it at zero.
+fn at_zero(dir: &Path, name: &str, ip: IpAddr) -> (SocketAddr, Scaler, Agent) {
+    let address = SocketAddr::new(ip, free_port());
+    let scaler = Scaler::start(dir, free_port(), &configure(dir, name, address));
+    let agent = Agent::start(dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for(name, "the agent's first report at zero", |v| {
+        v["reported"] == true && v["replicas"]["current"] == 0
+    });
+    (address, scaler, agent)
+}
+
 #[test]
 fn clients_in_another_namespace_are_held_at_zero_by_sk_lookup_and_all_answered() {
     require_root();
     let name = "cold-outside";
     let dir = scratch("outside");
     let outside = Outside::create(0);
-    let address = SocketAddr::new(outside.host_ip.into(), free_port());
-    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address));
-    let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for(name, "the agent's first report at zero", |v| {
-        v["reported"] == true && v["replicas"]["current"] == 0
-    });
+    let (address, scaler, agent) = at_zero(&dir, name, outside.host_ip.into());
 
     // Nothing listens on the service address: only the holder, through sk_lookup, can answer.
     send_from_outside(&outside, address, &agent);
@@ -239,12 +246,7 @@ fn ipv6_clients_in_another_namespace_are_held_at_zero_too() {
     let name = "cold-outside-v6";
     let dir = scratch("outside-v6");
     let outside = Outside::create(2);
-    let address = SocketAddr::new(outside.host_ip6.into(), free_port());
-    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address));
-    let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for(name, "the agent's first report at zero", |v| {
-        v["reported"] == true && v["replicas"]["current"] == 0
-    });
+    let (address, scaler, agent) = at_zero(&dir, name, outside.host_ip6.into());
 
     // Over IPv6, to an address nothing listens on: only the holder's IPv6 listener can answer.
     send_from_outside(&outside, address, &agent);

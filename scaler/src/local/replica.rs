@@ -16,11 +16,11 @@ use super::{
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Probe period while starting: every 10 ms while nothing listens yet (a refused connect costs
+/// Probe period while starting: every 2 ms while nothing listens yet (a refused connect costs
 /// next to nothing and reaches no one, and held clients wait on this), every 100 ms once
 /// something answers but not yet successfully (each such probe is a request the replica
 /// serves and the agent counts); and once ready.
-const PROBE_NOT_LISTENING: Duration = Duration::from_millis(10);
+const PROBE_NOT_LISTENING: Duration = Duration::from_millis(2);
 const PROBE_STARTING: Duration = Duration::from_millis(100);
 const PROBE_READY: Duration = Duration::from_secs(1);
 /// Failed probes in a row that take a ready replica out of rotation.

@@ -411,7 +411,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!(
         "  goal: ready→answer p99 ≤ 10 ms and 0 failures at 1000 clients. A starting replica is probed every \
-         10 ms until it listens: the probe lag is the scaler's, probe→answer is the path through the agent"
+         2 ms until it listens: the probe lag is the scaler's, probe→answer is the path through the agent"
     );
     if let Some(pid) = agent.proc.pid() {
         println!(
