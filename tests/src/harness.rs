@@ -31,6 +31,31 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// A loopback port kept for as long as the value lives: bound and listening, with nothing that
+/// accepts, so no other socket can bind it or be given it as its own (ephemeral) port. The
+/// endpoint of a watched service that must see no traffic at all.
+pub struct ReservedPort {
+    _listener: TcpListener,
+    pub addr: SocketAddr,
+}
+
+impl ReservedPort {
+    pub fn new() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let addr = listener.local_addr().expect("its address");
+        Self {
+            _listener: listener,
+            addr,
+        }
+    }
+}
+
+impl Default for ReservedPort {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The workspace's target directory (CARGO_TARGET_DIR or ./target).
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")

@@ -17,7 +17,7 @@ use surge_proto::{
     v1::{metrics_client::MetricsClient, MetricsUpdate, SubscribeRequest},
 };
 use surge_tests::{
-    harness::{free_port, require_root, scratch, Agent, Proc, Sample, Scaler},
+    harness::{free_port, require_root, scratch, Agent, Proc, ReservedPort, Sample, Scaler},
     http_client::get_text,
     load::{run, LoadSpec},
     prometheus,
@@ -32,6 +32,7 @@ struct Rig {
     web: Sample,
     scaler: Scaler,
     _agent: Agent,
+    _idle: ReservedPort,
     dir: PathBuf,
 }
 
@@ -40,24 +41,26 @@ impl Rig {
         require_root();
         let dir = scratch(test);
         let web = Sample::start(&dir);
-        let scaler = Scaler::start(&dir, free_port(), &observe_flags(&web.addr.to_string()));
+        let idle = ReservedPort::new();
+        let scaler = Scaler::start(&dir, free_port(), &observe_flags(&web.addr.to_string(), &idle));
         let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
         scaler.wait_for("web", "first report", |v| v["reported"] == true);
         Self {
             web,
             scaler,
             _agent: agent,
+            _idle: idle,
             dir,
         }
     }
 }
 
-fn observe_flags(web: &str) -> Vec<String> {
+fn observe_flags(web: &str, idle: &ReservedPort) -> Vec<String> {
     vec![
         "--observe".into(),
         format!("web={web}"),
         "--observe".into(),
-        format!("idle=127.0.0.1:{}", free_port()),
+        format!("idle={}", idle.addr),
     ]
 }
 
@@ -550,7 +553,8 @@ fn check<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code:
 #[test]
 fn bad_trigger_metadata_is_refused_with_exact_messages() {
     let dir = scratch("keda-bad-input");
-    let scaler = Scaler::start(&dir, free_port(), &observe_flags("127.0.0.1:9"));
+    let idle = ReservedPort::new();
+    let scaler = Scaler::start(&dir, free_port(), &observe_flags("127.0.0.1:9", &idle));
     let rt = runtime();
     let ch = rt.block_on(channel(&scaler));
     let mut keda = ExternalScalerClient::new(ch.clone());

@@ -10,7 +10,7 @@ use std::{
 
 use serde_json::Value;
 use surge_tests::{
-    harness::{free_port, require_root, scratch, Agent, Sample, Scaler},
+    harness::{free_port, require_root, scratch, Agent, ReservedPort, Sample, Scaler},
     http_client::Connection,
     load::{run, LoadSpec},
 };
@@ -19,6 +19,8 @@ use surge_tests::{
 struct Rig {
     web: Sample,
     idle: SocketAddr,
+    /// Keeps `idle`'s port from every other socket until a test gives it up.
+    idle_reserved: Option<ReservedPort>,
     scaler: Scaler,
     agent: Agent,
     dir: PathBuf,
@@ -29,12 +31,14 @@ impl Rig {
         require_root();
         let dir = scratch(test);
         let web = Sample::start(&dir);
-        let idle = idle_addr();
+        let reserved = ReservedPort::new();
+        let idle = reserved.addr;
         let scaler = Scaler::start(&dir, free_port(), &observe_flags(&web, idle));
         let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
         let rig = Self {
             web,
             idle,
+            idle_reserved: Some(reserved),
             scaler,
             agent,
             dir,
@@ -199,7 +203,9 @@ fn health_probes_are_counted_apart_and_left_out_of_the_traffic() {
 /// of its own (an ephemeral port, or bound on purpose): that client's traffic is not the service's.
 #[test]
 fn a_client_using_a_watched_endpoints_port_counts_nowhere() {
-    let rig = Rig::start("clientport");
+    let mut rig = Rig::start("clientport");
+    // Nothing listens on idle's port any more: a client may now have it.
+    drop(rig.idle_reserved.take());
     let n = 25;
     let mut conn = Connection::open_from(rig.idle, rig.web.addr).expect("connect from idle's port");
     for i in 0..n {
