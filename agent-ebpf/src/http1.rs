@@ -11,7 +11,7 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use surge_common::{
     http::PREFIX_LEN,
-    stream::{Framer, HeadQueue, Side, Starts, CHUNK},
+    stream::{Framer, HeadQueue, Side, Starts, CANCEL_IDS, CHUNK},
     ConnState, ServiceCounters, CONN_CLIENT, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD, CONN_TLS, START_SLOTS,
 };
 
@@ -165,12 +165,14 @@ fn on_payload(
     if starts.probes > 0 {
         counters::add_u64(&mut c.probe_requests, starts.probes as u64);
     }
-    if starts.messages == 0 {
-        return Ok(());
+    if starts.messages > 0 {
+        match dir {
+            Direction::Ingress => open_requests(state, &starts, c),
+            Direction::Egress => close_requests(state, &starts, c),
+        }
     }
-    match dir {
-        Direction::Ingress => open_requests(state, &starts, c),
-        Direction::Egress => close_requests(state, &starts, c),
+    if starts.cancel_count > 0 {
+        cancel_requests(state, &starts, c);
     }
     Ok(())
 }
@@ -227,6 +229,7 @@ fn frame(
     s.starts.interim = 0;
     s.starts.probes = 0;
     s.starts.id_count = 0;
+    s.starts.cancel_count = 0;
     s.starts.heads.bits = heads.bits;
     s.starts.heads.len = heads.len;
     s.side = slot;
@@ -325,6 +328,31 @@ fn load_prefix(ctx: &SkBuffContext, seg: &Segment) -> Result<([u8; PREFIX_LEN], 
         Ok((prefix, 3))
     } else {
         Ok((prefix, 0))
+    }
+}
+
+/// HTTP/2 streams the client reset (a cancelled call): the server may never end them, so each
+/// that is still open ends now, with no response and no latency. A stream without a slot (more
+/// than [`START_SLOTS`] open) stays open until its end or its connection's.
+#[inline(always)]
+fn cancel_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounters) {
+    let mut i = 0;
+    while i < CANCEL_IDS as u32 {
+        if i >= starts.cancel_count || state.stored == 0 || state.open_requests == 0 {
+            break;
+        }
+        if let Some(own) = own_slot(state, starts.cancelled(i)) {
+            let oldest = state.oldest as usize & (START_SLOTS - 1);
+            state.starts[own] = state.starts[oldest];
+            state.stream_ids[own] = state.stream_ids[oldest];
+            state.oldest = (state.oldest + 1) & (START_SLOTS as u32 - 1);
+            state.stored -= 1;
+            state.open_requests -= 1;
+            let now = now_ns() as i64;
+            counters::add_i64(&mut c.inflight_sign_sum, -1);
+            counters::add_i64(&mut c.inflight_time_sum, -now);
+        }
+        i += 1;
     }
 }
 

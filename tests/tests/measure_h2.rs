@@ -163,6 +163,60 @@ async fn h2_server_delay_by_path(listener: tokio::net::TcpListener) {
     }
 }
 
+/// A gRPC call cancelled by its client (a deadline, say) ends with the client's RST_STREAM: the
+/// server never answers it. It is no longer in flight from then on, while its connection stays
+/// open; it was a request, and there was no response.
+#[test]
+fn http2_streams_the_client_cancels_are_no_longer_in_flight() {
+    require_root();
+    let dir = scratch("h2-cancel");
+    let rt = runtime();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    rt.spawn(h2_server_delay_by_path(listener));
+    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2x={addr}")]);
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for("h2x", "first report", |v| v["reported"] == true);
+    scaler.wait_reports(3);
+
+    let n = 5;
+    let client = rt.block_on(async move {
+        let sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        sock.set_nodelay(true).expect("nodelay");
+        let (client, conn) = h2::client::handshake(sock).await.expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    });
+    // Five calls the server would answer in a minute.
+    let pending: Vec<_> = rt.block_on(async {
+        let mut pending = Vec::new();
+        for _ in 0..n {
+            let mut c = client.clone().ready().await.expect("ready");
+            let req = http::Request::get(format!("http://{addr}/ms/60000"))
+                .body(())
+                .expect("request");
+            pending.push(c.send_request(req, true).expect("sent").0);
+        }
+        pending
+    });
+    scaler.wait_for("h2x", "five calls in flight", |v| v["in_flight"] == n);
+    // Dropped unanswered: the client resets each stream; the connection stays.
+    drop(pending);
+    let v = scaler.wait_for("h2x", "no call in flight", |v| v["in_flight"] == 0);
+    assert_eq!(count(&v, "requests_total"), n as u64, "{v}");
+    assert_eq!(count(&v, "responses_total"), 0, "{v}");
+    assert_eq!(
+        count(&v, "connections_closed_total"),
+        0,
+        "the connection is still open: {v}"
+    );
+    drop(client);
+}
+
 /// The cumulative count of `service`'s latency histogram at the largest bucket bound ≤ `seconds`,
 /// and the total count, from /metrics.
 fn latency_counts(scaler: &Scaler, service: &str, seconds: f64) -> (u64, u64) {

@@ -98,13 +98,19 @@ pub struct Starts {
     /// streams a request opened, or a response ended), so each end is matched to its own
     /// stream's start whatever order the server answers in.
     pub ids: [u32; STREAM_IDS],
+    /// HTTP/2, request side: streams the client reset (RST_STREAM) after opening them, the first
+    /// [`CANCEL_IDS`] of them: a cancelled call that the server never ends is no longer in flight.
+    pub cancel_count: u32,
+    pub cancel_ids: [u32; CANCEL_IDS],
     /// Which open requests are HEAD, oldest first; carried between segments and between the
     /// two directions by the caller (the kernel keeps it in the connection's state).
     pub heads: HeadQueue,
 }
 
 /// How many HTTP/2 stream ids one segment's [`Starts`] keeps.
-pub const STREAM_IDS: usize = 4;
+pub const STREAM_IDS: usize = 8;
+/// How many client resets of HTTP/2 streams one segment's [`Starts`] keeps.
+pub const CANCEL_IDS: usize = 8;
 
 impl Starts {
     /// HTTP/2: a message of stream `id` was counted.
@@ -114,6 +120,26 @@ impl Starts {
         if i < STREAM_IDS {
             self.ids[i & (STREAM_IDS - 1)] = id;
             self.id_count += 1;
+        }
+    }
+
+    /// HTTP/2: the client reset stream `id`.
+    #[inline(always)]
+    fn note_cancel(&mut self, id: u32) {
+        let i = self.cancel_count as usize;
+        if i < CANCEL_IDS {
+            self.cancel_ids[i & (CANCEL_IDS - 1)] = id;
+            self.cancel_count += 1;
+        }
+    }
+
+    /// The stream id of the `i`th client reset kept, or 0.
+    #[inline(always)]
+    pub fn cancelled(&self, i: u32) -> u32 {
+        if i < self.cancel_count && (i as usize) < CANCEL_IDS {
+            self.cancel_ids[i as usize & (CANCEL_IDS - 1)]
+        } else {
+            0
         }
     }
 
@@ -416,6 +442,8 @@ impl Framer {
                     self.last_stream = id;
                     starts.messages += 1;
                     starts.note_stream(id);
+                } else if kind == H2_RST_STREAM && id != 0 && id <= self.last_stream {
+                    starts.note_cancel(id);
                 }
             }
             Side::Responses => {

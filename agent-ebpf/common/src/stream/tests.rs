@@ -379,6 +379,25 @@ fn protocol_switches_and_unframed_responses_stop_counting() {
     assert!(f.is_h2());
 }
 
+/// A client's RST_STREAM on a stream it opened is a cancel; one on stream 0, or on a stream it
+/// never opened, is not.
+#[test]
+fn client_resets_of_open_streams_are_cancels() {
+    let mut requests = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2_frame(&mut requests, H2_SETTINGS, 0, 0, &[]);
+    for stream in [1, 3, 5] {
+        h2_frame(&mut requests, H2_HEADERS, 4, stream, &[0x82]);
+    }
+    h2_frame(&mut requests, H2_RST_STREAM, 0, 3, &8u32.to_be_bytes());
+    h2_frame(&mut requests, H2_RST_STREAM, 0, 0, &8u32.to_be_bytes());
+    h2_frame(&mut requests, H2_RST_STREAM, 0, 9, &8u32.to_be_bytes());
+    h2_frame(&mut requests, H2_RST_STREAM, 0, 5, &8u32.to_be_bytes());
+    let mut f = Framer::new();
+    let s = f.feed(&requests, Side::Requests, MAX_ROUNDS);
+    assert_eq!(s.messages, 3);
+    assert_eq!((s.cancel_count, s.cancelled(0), s.cancelled(1)), (2, 3, 5));
+}
+
 /// An h2c upgrade (RFC 7540 §3.2): the upgrade request is an HTTP/1.1 request answered by the
 /// 101; then both sides speak HTTP/2, the client's streams starting at 3. Followed whatever the
 /// segments.
