@@ -163,34 +163,43 @@ async fn h2_server_delay_by_path(listener: tokio::net::TcpListener) {
     }
 }
 
-/// A gRPC call cancelled by its client (a deadline, say) ends with the client's RST_STREAM: the
-/// server never answers it. It is no longer in flight from then on, while its connection stays
-/// open; it was a request, and there was no response.
-#[test]
-fn http2_streams_the_client_cancels_are_no_longer_in_flight() {
+/// An [`h2_server_delay_by_path`] observed as service `name` by a scaler and an agent, once the
+/// agent reports it.
+fn observed_delay_server(test: &str, name: &str) -> (tokio::runtime::Runtime, SocketAddr, Scaler, Agent) {
     require_root();
-    let dir = scratch("h2-cancel");
+    let dir = scratch(test);
     let rt = runtime();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let addr = listener.local_addr().expect("address");
     rt.spawn(h2_server_delay_by_path(listener));
-    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2x={addr}")]);
-    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for("h2x", "first report", |v| v["reported"] == true);
+    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("{name}={addr}")]);
+    let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for(name, "first report", |v| v["reported"] == true);
     scaler.wait_reports(3);
+    (rt, addr, scaler, agent)
+}
 
-    let n = 5;
-    let client = rt.block_on(async move {
-        let sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        sock.set_nodelay(true).expect("nodelay");
-        let (client, conn) = h2::client::handshake(sock).await.expect("h2 handshake");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        client
+/// An h2c client connection (prior knowledge, no Nagle delay), driven in the background.
+async fn h2_connect(addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    sock.set_nodelay(true).expect("nodelay");
+    let (client, conn) = h2::client::handshake(sock).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
     });
+    client
+}
+
+/// A gRPC call cancelled by its client (a deadline, say) ends with the client's RST_STREAM: the
+/// server never answers it. It is no longer in flight from then on, while its connection stays
+/// open; it was a request, and there was no response.
+#[test]
+fn http2_streams_the_client_cancels_are_no_longer_in_flight() {
+    let (rt, addr, scaler, _agent) = observed_delay_server("h2-cancel", "h2x");
+    let n = 5;
+    let client = rt.block_on(h2_connect(addr));
     // Five calls the server would answer in a minute.
     let pending: Vec<_> = rt.block_on(async {
         let mut pending = Vec::new();
@@ -249,27 +258,10 @@ fn latency_counts(scaler: &Scaler, service: &str, seconds: f64) -> (u64, u64) {
 /// the oldest start would make every one of them about 100-150 ms here).
 #[test]
 fn http2_streams_answered_out_of_order_each_get_their_own_latency() {
-    require_root();
-    let dir = scratch("h2-order");
-    let rt = runtime();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("address");
-    rt.spawn(h2_server_delay_by_path(listener));
-    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2o={addr}")]);
-    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for("h2o", "first report", |v| v["reported"] == true);
-    scaler.wait_reports(3);
-
+    let (rt, addr, scaler, _agent) = observed_delay_server("h2-order", "h2o");
     let rounds = 5;
     let answered = rt.block_on(async move {
-        let sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        sock.set_nodelay(true).expect("nodelay");
-        let (client, conn) = h2::client::handshake(sock).await.expect("h2 handshake");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let client = h2_connect(addr).await;
         let mut answered = 0;
         for _ in 0..rounds {
             // One stream of 400 ms, then every 100 ms one of 50 ms: they all end before it.
