@@ -341,12 +341,7 @@ fn cancel_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounte
         if i >= starts.cancel_count || state.stored == 0 || state.open_requests == 0 {
             break;
         }
-        if let Some(own) = own_slot(state, starts.cancelled(i)) {
-            let oldest = state.oldest as usize & (START_SLOTS - 1);
-            state.starts[own] = state.starts[oldest];
-            state.stream_ids[own] = state.stream_ids[oldest];
-            state.oldest = (state.oldest + 1) & (START_SLOTS as u32 - 1);
-            state.stored -= 1;
+        if take_start(state, starts.cancelled(i), false).is_some() {
             state.open_requests -= 1;
             let now = now_ns() as i64;
             counters::add_i64(&mut c.inflight_sign_sum, -1);
@@ -354,6 +349,30 @@ fn cancel_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounte
         }
         i += 1;
     }
+}
+
+/// Takes an open request's start out of the ring: HTTP/2 stream `id`'s own, or else (with
+/// `or_oldest`) the oldest one, as HTTP/1.1 answers in order and its ids are all 0. The oldest
+/// start moves into the place of the one taken: only HTTP/1.1 needs the order kept.
+#[inline(always)]
+fn take_start(state: &mut ConnState, id: u32, or_oldest: bool) -> Option<u64> {
+    if state.stored == 0 {
+        return None;
+    }
+    let oldest = state.oldest as usize & (START_SLOTS - 1);
+    let start = match own_slot(state, id) {
+        Some(own) => {
+            let start = state.starts[own];
+            state.starts[own] = state.starts[oldest];
+            state.stream_ids[own] = state.stream_ids[oldest];
+            start
+        }
+        None if or_oldest => state.starts[oldest],
+        None => return None,
+    };
+    state.oldest = (state.oldest + 1) & (START_SLOTS as u32 - 1);
+    state.stored -= 1;
+    Some(start)
 }
 
 /// The ring slot of the open request of HTTP/2 stream `id` (0: none).
@@ -432,25 +451,13 @@ fn close_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounter
     let mut i = 0;
     let mut unslotted = k;
     while i < START_SLOTS as u32 {
-        if i >= k || state.stored == 0 {
+        if i >= k {
             break;
         }
-        let oldest = state.oldest as usize & (START_SLOTS - 1);
-        // This stream's own start, moved out of the ring by putting the oldest in its place
-        // (order only matters for HTTP/1.1, whose ids are all 0 and always take the oldest).
-        let slot = match own_slot(state, starts.stream_of(i)) {
-            Some(own) => {
-                let start = state.starts[own];
-                state.starts[own] = state.starts[oldest];
-                state.stream_ids[own] = state.stream_ids[oldest];
-                state.starts[oldest] = start;
-                oldest
-            }
-            None => oldest,
+        let Some(start) = take_start(state, starts.stream_of(i), true) else {
+            break;
         };
-        let latency = now.saturating_sub(state.starts[slot]);
-        state.oldest = (state.oldest + 1) & (START_SLOTS as u32 - 1);
-        state.stored -= 1;
+        let latency = now.saturating_sub(start);
         counters::add_u64(&mut c.latency_sum_ns, latency);
         counters::record_latency(c, latency);
         unslotted -= 1;
