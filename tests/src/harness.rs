@@ -118,7 +118,11 @@ impl Proc {
     /// Sends `signal` and waits for the process to exit.
     pub fn stop_with(&mut self, signal: i32) {
         if let Some(mut c) = self.child.take() {
-            // SAFETY: kill on a pid we own.
+            // A process that exited (and was reaped) is not signalled: its pid may be another's.
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            // SAFETY: kill on a pid we own, still running.
             unsafe { libc::kill(c.id() as i32, signal) };
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
