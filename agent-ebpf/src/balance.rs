@@ -6,8 +6,10 @@
 //! Every connect is allowed (the programs return 1); an address that is not balanced is left
 //! alone, and a service with no ready backend is sent to the agent's holder (holder.rs), if any.
 //! A loopback destination (the holder, a replica on 127.0.0.1) is only used for sockets of the
-//! agent's own network namespace: from any other, the connect is left alone, and if it reaches
-//! this host, the sk_lookup program (steer.rs) gives it to the holder.
+//! agent's own network namespace. From any other (a pod's), a connect that would go to the
+//! holder goes to the holder's port on the node address (`NODE_ADDR`) if the agent has one;
+//! else, like a connect to a loopback replica, it is left alone, and if it reaches this host,
+//! the sk_lookup program (steer.rs) gives it to the holder.
 
 use aya_ebpf::{
     helpers::bpf_get_netns_cookie,
@@ -36,12 +38,24 @@ pub static BACKENDS: Array<EndpointKey> = Array::with_max_entries(MAX_SERVICES *
 #[map(name = "AGENT_NETNS")]
 pub static AGENT_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 
+/// The node address other network namespaces reach the holders at (IPv4 as v4-mapped; port 1
+/// when set, 0 when the agent has none). Written by the agent.
+#[map(name = "NODE_ADDR")]
+pub static NODE_ADDR: Array<EndpointKey> = Array::with_max_entries(1, 0);
+
 const SOCK_STREAM: u32 = 1;
 const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 
-/// The next backend of a balanced address, if it has one.
+/// Where a connect goes: the next backend of a balanced address, or its holder.
+enum Destination {
+    Backend(EndpointKey),
+    /// The holder's port on the agent's loopback.
+    Holder(u16),
+}
+
+/// The next backend of a balanced address, or its holder if it has no ready backend.
 #[inline(always)]
-fn pick(key: &EndpointKey) -> Option<EndpointKey> {
+fn pick(key: &EndpointKey) -> Option<Destination> {
     let b = SERVICE_ADDRS.get_ptr_mut(key)?;
     // SAFETY: `b` points at a map value, valid while the program runs; the cursor is only ever
     // changed with an atomic add (a racing connect may reuse a slot, which is harmless).
@@ -55,7 +69,7 @@ fn pick(key: &EndpointKey) -> Option<EndpointKey> {
     };
     // No ready replica: the agent's holder accepts the connection and keeps it until one is.
     if count == 0 && holder_port != 0 && holder_port <= u16::MAX as u32 {
-        return Some(EndpointKey::v4([127, 0, 0, 1], holder_port as u16));
+        return Some(Destination::Holder(holder_port as u16));
     }
     if count == 0 || count > MAX_BACKENDS || id >= MAX_SERVICES {
         return None;
@@ -63,7 +77,25 @@ fn pick(key: &EndpointKey) -> Option<EndpointKey> {
     // SAFETY: as above; the result is unused, so this is a plain BPF atomic add.
     unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(addr_of_mut!((*b).next), 1) };
     let slot = id * MAX_BACKENDS + next % count;
-    BACKENDS.get(slot).copied()
+    BACKENDS.get(slot).copied().map(Destination::Backend)
+}
+
+/// The address a connect is rewritten to, as seen from the connecting socket's namespace: the
+/// holder on the agent's loopback, or on the node address from another namespace (none if the
+/// agent has no node address); a backend on loopback only from the agent's namespace.
+#[inline(always)]
+fn reachable(ctx: &SockAddrContext, to: Destination) -> Option<EndpointKey> {
+    match to {
+        Destination::Backend(b) => (!unreachable_loopback(ctx, &b)).then_some(b),
+        Destination::Holder(port) => {
+            let local = EndpointKey::v4([127, 0, 0, 1], port);
+            if !unreachable_loopback(ctx, &local) {
+                return Some(local);
+            }
+            let node = NODE_ADDR.get(0)?;
+            (node.port != 0).then_some(EndpointKey::new(node.addr, port))
+        }
+    }
 }
 
 /// Whether `to` is a loopback address the connecting socket cannot reach: its network namespace
@@ -100,8 +132,8 @@ pub fn connect4(ctx: &SockAddrContext) -> Option<()> {
     }
     // Both are in network byte order: the address's bytes in memory order are its octets.
     let key = EndpointKey::v4(ip.to_ne_bytes(), u16::from_be(port as u16));
-    let to = pick(&key)?;
-    if to.addr[..12] != V4_MAPPED_PREFIX || unreachable_loopback(ctx, &to) {
+    let to = reachable(ctx, pick(&key)?)?;
+    if to.addr[..12] != V4_MAPPED_PREFIX {
         return None;
     }
     let ip = u32::from_ne_bytes([to.addr[12], to.addr[13], to.addr[14], to.addr[15]]);
@@ -138,10 +170,7 @@ pub fn connect6(ctx: &SockAddrContext) -> Option<()> {
     }
     // IPv4 addresses are keyed v4-mapped, so a dual-stack socket connecting to
     // ::ffff:a.b.c.d finds an IPv4 service address too.
-    let to = pick(&EndpointKey::new(addr, u16::from_be(port as u16)))?;
-    if unreachable_loopback(ctx, &to) {
-        return None;
-    }
+    let to = reachable(ctx, pick(&EndpointKey::new(addr, u16::from_be(port as u16)))?)?;
     let a = to.addr;
     // SAFETY: connect6 programs may write user_ip6 and user_port.
     unsafe {

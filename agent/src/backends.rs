@@ -44,7 +44,9 @@ pub struct Entry {
 
 /// What the balancer should hold for a watch set, given each service's id. Services without a
 /// valid service address are not balanced; backends past `MAX_BACKENDS` or with a bad address
-/// are left out (and logged).
+/// are left out (and logged). A hold-only address (a Kubernetes ClusterIP) is in the maps only
+/// while it has no ready backend: then its connects go to the holder; otherwise they are left
+/// to the cluster's Service routing.
 pub fn wanted<'a>(
     set: &WatchSet,
     ids: impl Fn(&str) -> Option<u32> + 'a,
@@ -53,6 +55,9 @@ pub fn wanted<'a>(
     let mut out = Map::new();
     for s in &set.services {
         let Some(addr) = &s.service_address else { continue };
+        if s.hold_only && !s.backends.is_empty() {
+            continue;
+        }
         let (Ok(key), Some(id)) = (endpoint_key(&s.name, &addr.ip, addr.port), ids(&s.name)) else {
             tracing::warn!(service = %s.name, ip = %addr.ip, port = addr.port, "bad service address; not balanced");
             continue;
@@ -386,6 +391,28 @@ mod tests {
             entry.backends.iter().map(wire).collect::<Vec<_>>(),
             vec![ep("127.0.0.1", 9001), ep("127.0.0.1", 9002)]
         );
+    }
+
+    #[test]
+    fn a_hold_only_address_is_balanced_only_while_it_has_no_backend() {
+        let cold = WatchedService {
+            name: "ns/web".into(),
+            service_address: Some(ep("10.0.0.7", 80)),
+            hold_only: true,
+            ..Default::default()
+        };
+        let warm = WatchedService {
+            backends: vec![ep("10.2.0.1", 8080)],
+            ..cold.clone()
+        };
+        let set = |s: &WatchedService| WatchSet {
+            generation: 1,
+            services: vec![s.clone()],
+        };
+        let w = wanted(&set(&cold), |_| Some(1), |_| 7000);
+        let entry = &w[&EndpointKey::v4([10, 0, 0, 7], 80)];
+        assert_eq!((entry.backends.len(), entry.holder_port), (0, 7000));
+        assert!(wanted(&set(&warm), |_| Some(1), |_| 7000).is_empty());
     }
 
     fn entry(service: &str, block: u32) -> Entry {

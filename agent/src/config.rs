@@ -1,6 +1,6 @@
 //! The agent's settings: command-line flags, an optional YAML file, their validation.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use serde::Deserialize;
@@ -63,6 +63,11 @@ pub struct Args {
     /// and the client waits (its bytes stay in the kernel, none is dropped).
     #[arg(long, env = "SURGE_HOLD_BUFFER", default_value = "64KiB", value_parser = crate::bytesize::parse)]
     pub hold_buffer: usize,
+    /// This node's address, which other network namespaces (pods) reach: each holder listens
+    /// there too, and their connects to a service at zero are sent there. Without it, only
+    /// this namespace's connects are held [default: none; in Kubernetes, status.hostIP].
+    #[arg(long, env = "SURGE_NODE_IP")]
+    pub node_ip: Option<String>,
     /// The cgroup v2 directory the programs attach to [default: the cgroup2 mount in /proc/mounts].
     #[arg(long, env = "SURGE_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
@@ -135,6 +140,26 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Where the load balancer stays pinned (see pins.rs).
     pub pin_dir: PathBuf,
+    /// The node address pods reach the holders at, if any.
+    pub node_ip: Option<IpAddr>,
+}
+
+/// The `--node-ip` flag: one unicast address that is neither unspecified nor loopback.
+fn parse_node_ip(text: &str) -> Result<IpAddr, ConfigError> {
+    let invalid = |message: &str| ConfigError::Invalid {
+        field: "node-ip",
+        value: text.into(),
+        message: message.into(),
+    };
+    let ip: IpAddr = text
+        .parse()
+        .map_err(|_| invalid("must be an IPv4 or IPv6 address, e.g. 10.0.0.5"))?;
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        return Err(invalid(
+            "must be an address of this node that pods can reach, not unspecified, loopback or multicast",
+        ));
+    }
+    Ok(ip)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -217,6 +242,7 @@ impl Settings {
             });
         }
         let pin_dir = crate::pins::validate_pin_dir(&args.bpf_pin_dir)?;
+        let node_ip = args.node_ip.as_deref().map(parse_node_ip).transpose()?;
         Ok(Self {
             scaler,
             node,
@@ -225,6 +251,7 @@ impl Settings {
             hold_buffer,
             drain_timeout,
             pin_dir,
+            node_ip,
         })
     }
 }
@@ -254,6 +281,28 @@ mod tests {
         assert_eq!(s.node, "from-flag");
         assert_eq!(s.scaler, "http://10.0.0.1:1");
         assert_eq!(s.report_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn node_ip_must_be_a_reachable_address() {
+        let s = Settings::resolve(&args(&["--node-ip", "10.1.2.3"]), None, "h").expect("valid");
+        assert_eq!(s.node_ip, Some("10.1.2.3".parse().expect("literal")));
+        let s = Settings::resolve(&args(&["--node-ip", "fd00::5"]), None, "h").expect("valid");
+        assert_eq!(s.node_ip, Some("fd00::5".parse().expect("literal")));
+        let err = Settings::resolve(&args(&["--node-ip", "node-1"]), None, "h").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node-ip = \"node-1\": must be an IPv4 or IPv6 address, e.g. 10.0.0.5"
+        );
+        let err = Settings::resolve(&args(&["--node-ip", "127.0.0.1"]), None, "h").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node-ip = \"127.0.0.1\": must be an address of this node that pods can reach, not unspecified, loopback or multicast"
+        );
+        assert_eq!(
+            Settings::resolve(&args(&[]), None, "h").expect("valid").node_ip,
+            None
+        );
     }
 
     #[test]

@@ -106,8 +106,11 @@ pub enum HoldError {
 /// One held service: its listener, the ready replicas it forwards to, and its counters.
 pub struct Holder {
     listener: TcpListener,
-    /// The IPv6 listener, where the host has IPv6.
-    listener6: Option<TcpListener>,
+    /// Its other listeners on the same port: IPv6 loopback, where the host has IPv6, and the
+    /// node address, where pods connect from their own network namespaces.
+    more: Vec<TcpListener>,
+    /// Which listener is asked first at the next accept: each in turn, so none starves.
+    first: std::sync::atomic::AtomicUsize,
     backends: watch::Receiver<Vec<SocketAddr>>,
     config: HoldConfig,
     stats: Arc<HoldStats>,
@@ -126,7 +129,8 @@ impl Holder {
     ) -> Self {
         Self {
             listener,
-            listener6: None,
+            more: Vec::new(),
+            first: AtomicUsize::new(0),
             backends,
             config,
             stats: Arc::default(),
@@ -141,21 +145,32 @@ impl Holder {
         self
     }
 
-    /// Also accepts on `listener` (the IPv6 one).
-    pub fn with_ipv6(mut self, listener: TcpListener) -> Self {
-        self.listener6 = Some(listener);
+    /// Also accepts on `listener` (the same port on another address).
+    pub fn also_on(mut self, listener: TcpListener) -> Self {
+        self.more.push(listener);
         self
     }
 
-    /// The next connection on either listener.
+    /// The next connection on any listener.
     async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
-        match &self.listener6 {
-            Some(v6) => tokio::select! {
-                c = self.listener.accept() => c,
-                c = v6.accept() => c,
-            },
-            None => self.listener.accept().await,
+        if self.more.is_empty() {
+            return self.listener.accept().await;
         }
+        std::future::poll_fn(|cx| {
+            let n = 1 + self.more.len();
+            let first = self.first.fetch_add(1, Ordering::Relaxed);
+            for i in 0..n {
+                let l = match (first + i) % n {
+                    0 => &self.listener,
+                    k => &self.more[k - 1],
+                };
+                if let std::task::Poll::Ready(r) = l.poll_accept(cx) {
+                    return std::task::Poll::Ready(r);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
     }
 
     pub fn stats(&self) -> Arc<HoldStats> {

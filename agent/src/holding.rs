@@ -40,17 +40,42 @@ pub struct Holders {
     steering: Option<Steering>,
     /// Connections the holders have in hand (held, or handed over and relayed), all services.
     in_hand: Arc<AtomicUsize>,
+    /// Where pods reach the holders (`--node-ip`): each also listens there, on its own port.
+    node_ip: Option<IpAddr>,
 }
 
+/// Tries for a loopback port that is free on the node address too.
+const PORT_TRIES: usize = 8;
+
 impl Holders {
-    pub fn new(config: HoldConfig, steering: Option<Steering>) -> Self {
+    pub fn new(config: HoldConfig, steering: Option<Steering>, node_ip: Option<IpAddr>) -> Self {
         Self {
             config,
             demand: Arc::new(Notify::new()),
             by_service: HashMap::new(),
             steering,
             in_hand: Arc::default(),
+            node_ip,
         }
+    }
+
+    /// A holder's loopback listener and, with a node address, its listener there on the same
+    /// port (a loopback port may be taken on the node address: another is tried).
+    fn listen(&self) -> std::io::Result<(u16, tokio::net::TcpListener, Option<tokio::net::TcpListener>)> {
+        let mut last = None;
+        for _ in 0..PORT_TRIES {
+            let listener = crate::holder::listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+            let port = listener.local_addr()?.port();
+            let Some(ip) = self.node_ip else {
+                return Ok((port, listener, None));
+            };
+            match crate::holder::listen(SocketAddr::new(ip, port)) {
+                Ok(on_node) => return Ok((port, listener, Some(on_node))),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)))
     }
 
     /// How many connections the holders have in hand, kept up to date by them: a stopping agent
@@ -78,10 +103,8 @@ impl Holders {
                 })
                 .collect();
             if !self.by_service.contains_key(&s.name) {
-                match crate::holder::listen(SocketAddr::from(([127, 0, 0, 1], 0)))
-                    .and_then(|l| Ok((l.local_addr()?.port(), l)))
-                {
-                    Ok((port, listener)) => {
+                match self.listen() {
+                    Ok((port, listener, on_node)) => {
                         let listener6 = match crate::holder::listen_v6_beside(port) {
                             Ok(l) => Some(l),
                             Err(e) => {
@@ -95,8 +118,8 @@ impl Holders {
                         let (tx, rx) = watch::channel(backends.clone());
                         let mut holder = Holder::new(listener, rx, self.config, Arc::clone(&self.demand))
                             .counted_in(Arc::clone(&self.in_hand));
-                        if let Some(l) = listener6 {
-                            holder = holder.with_ipv6(l);
+                        for l in listener6.into_iter().chain(on_node) {
+                            holder = holder.also_on(l);
                         }
                         let stats = holder.stats();
                         let task = tokio::spawn(holder.run());

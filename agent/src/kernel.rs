@@ -85,7 +85,12 @@ impl KernelProbe {
     /// sock_ops to `cgroup_root` (beside any other programs already there), the sched_switch
     /// tracepoint, and the load balancer's connect hooks, whose maps and links stay pinned in
     /// `pins` (taking over from a previous agent's, see pins.rs).
-    pub fn load(btf_path: &Path, cgroup_root: &Path, pins: crate::pins::PinDir) -> Result<Self, KernelError> {
+    pub fn load(
+        btf_path: &Path,
+        cgroup_root: &Path,
+        pins: crate::pins::PinDir,
+        node_ip: Option<std::net::IpAddr>,
+    ) -> Result<Self, KernelError> {
         let btf = Btf::parse_file(btf_path, Default::default()).map_err(|source| KernelError::Btf {
             path: btf_path.display().to_string(),
             source,
@@ -119,6 +124,9 @@ impl KernelProbe {
             .map_err(|source| KernelError::Program { name, source })?;
         if let Err(e) = crate::steer::tell_netns(&mut ebpf) {
             tracing::warn!(error = %e, "the connect hooks cannot tell the agent's network namespace from others: sockets of other namespaces may be sent to this one's loopback");
+        }
+        if let Err(e) = crate::steer::tell_node_addr(&mut ebpf, node_ip) {
+            tracing::warn!(error = %e, "the connect hooks cannot send other namespaces' connects to the node address: pods' connections to a service at zero are not held");
         }
         let steering = match crate::steer::attach(&mut ebpf) {
             Ok(s) => Some(s),

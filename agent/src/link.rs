@@ -72,6 +72,7 @@ pub async fn run(
             ..HoldConfig::default()
         },
         steering,
+        settings.node_ip,
     );
     let mut watching = Watching { scaler: None, local };
     let in_hand = holders.in_hand();

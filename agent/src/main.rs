@@ -78,7 +78,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     )?;
     preflight::ensure_bpffs(&args.mounts_file)?;
     let pins = PinDir::open(&settings.pin_dir)?;
-    let probe = KernelProbe::load(&env.btf, &env.cgroup_root, pins)?;
+    let probe = KernelProbe::load(&env.btf, &env.cgroup_root, pins, settings.node_ip)?;
     tracing::info!(cgroup = %env.cgroup_root.display(), node = %settings.node, pins = %settings.pin_dir.display(), "eBPF programs attached");
     let node = Arc::new(Mutex::new(Node::new(probe, env.cgroup_root.clone())));
 

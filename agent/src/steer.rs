@@ -104,6 +104,25 @@ pub fn tell_netns(ebpf: &mut Ebpf) -> Result<(), SteerError> {
     Ok(())
 }
 
+/// Writes the node address other namespaces reach the holders at (`--node-ip`) for the connect
+/// hooks; call before they are attached. Without one, other namespaces' connects to a service at
+/// zero are left alone.
+pub fn tell_node_addr(ebpf: &mut Ebpf, node_ip: Option<std::net::IpAddr>) -> Result<(), SteerError> {
+    let Some(ip) = node_ip else { return Ok(()) };
+    let name = "NODE_ADDR";
+    let map = ebpf.map_mut(name).ok_or(KernelError::MissingMap { name })?;
+    let mut map: Array<&mut MapData, surge_common::EndpointKey> =
+        Array::try_from(map).map_err(|source| KernelError::Map { name, source })?;
+    let addr = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    // Port 1 marks the entry as set; the hook puts the holder's own port there.
+    map.set(0, surge_common::EndpointKey::new(addr, 1), 0)
+        .map_err(|source| KernelError::Map { name, source })?;
+    Ok(())
+}
+
 /// Loads the sk_lookup program, attaches it to the agent's network namespace and takes the
 /// holders' socket map.
 pub fn attach(ebpf: &mut Ebpf) -> Result<Steering, SteerError> {

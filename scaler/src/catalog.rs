@@ -19,14 +19,17 @@ pub enum Mode {
     Local,
 }
 
-/// What the local actuator adds to a service's watch entry: the address clients use, the
-/// replicas ready to serve (in rotation), and every live replica's endpoint and cgroup (measured).
+/// What an actuator adds to a service's watch entry: the address clients use, the replicas
+/// ready to serve (in rotation), and every live replica's endpoint and cgroup (measured).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Balance {
     pub service_address: Option<SocketAddr>,
     pub backends: Vec<SocketAddr>,
     pub endpoints: Vec<SocketAddr>,
     pub cgroups: Vec<String>,
+    /// The address is only held while no backend is ready (a Kubernetes Service's ClusterIP,
+    /// which kube-proxy routes once it has endpoints); otherwise the agents balance it too.
+    pub hold_only: bool,
 }
 
 /// Resources one replica asks for: the denominators of `Utilization` triggers.
@@ -114,6 +117,17 @@ impl Catalog {
     pub fn balance(&self, service: &str) -> Option<Balance> {
         self.balance.lock().ok()?.get(service).cloned()
     }
+
+    /// Forgets what an actuator added to a service, publishing the new watch set if it had any.
+    pub fn clear_balance(&self, service: &str) {
+        let mut all = self.balance.lock().unwrap_or_else(|e| e.into_inner());
+        if all.remove(service).is_none() {
+            return;
+        }
+        let generation = self.watch_tx.borrow().generation + 1;
+        self.watch_tx
+            .send_replace(watch_set(&self.specs(), &all, generation));
+    }
 }
 
 fn endpoint(e: &SocketAddr) -> Endpoint {
@@ -140,6 +154,7 @@ fn watch_set(
                     cgroups: s.cgroups.iter().chain(&b.cgroups).cloned().collect(),
                     service_address: b.service_address.as_ref().map(endpoint),
                     backends: b.backends.iter().map(endpoint).collect(),
+                    hold_only: b.hold_only,
                 }
             })
             .collect(),

@@ -5,6 +5,7 @@ pub mod http_client;
 pub mod kernel_cost;
 pub mod kube_env;
 pub mod load;
+pub mod netns;
 pub mod prometheus;
 pub mod wrk;
 

@@ -1,7 +1,9 @@
 //! The Kubernetes actuator: replicas asked for are the target's `/scale` `spec.replicas`; ready
 //! replicas are the ready endpoints of the target's Service (discovery.k8s.io/v1 EndpointSlices,
 //! or core/v1 Endpoints where v1 is not served), or the target's own `status.readyReplicas` when
-//! the Service has no endpoints object; `scale` patches `/scale`.
+//! the Service has no endpoints object; `scale` patches `/scale`. The Service's ClusterIP and
+//! port, with its ready endpoints on the matching target port, are what the agents hold while
+//! the target is at zero (see [`Hold`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -12,7 +14,10 @@ use std::{
     },
 };
 
-use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams},
     core::GroupVersionKind,
@@ -33,6 +38,25 @@ pub struct Target {
     pub name: String,
     /// The Service whose endpoints are the replicas.
     pub service: String,
+    /// The Service port held at zero (`spec.servicePort`); `None`: the first TCP port.
+    pub service_port: Option<u16>,
+}
+
+/// What the agents hold for a target at zero: connections to the Service's ClusterIP and port,
+/// handed to the ready endpoints on the target port that the Service port names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub address: SocketAddr,
+    pub backends: Vec<SocketAddr>,
+}
+
+/// What the agents are told of one scaled Service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Watched {
+    /// Every endpoint (pod IP and port, ready or not): measured.
+    pub endpoints: Vec<SocketAddr>,
+    /// `None` where the Service cannot be held (headless, no TCP port, not readable).
+    pub hold: Option<Hold>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,14 +104,69 @@ pub struct KubeActuator {
     targets: RwLock<HashMap<String, Target>>,
     /// Whether discovery.k8s.io/v1 EndpointSlices are served (learned on first use).
     slices: AtomicU8,
-    /// The endpoints (pod IP and port, ready or not) last seen for each service.
-    endpoints: RwLock<BTreeMap<String, Vec<SocketAddr>>>,
+    /// What the agents should know of each service, as last seen.
+    watched: RwLock<BTreeMap<String, Watched>>,
+    /// The last reason a Service could not be held, by service: logged when it changes.
+    unheld: RwLock<BTreeMap<String, String>>,
 }
 
 /// What a Service's endpoints objects say.
 struct Seen {
     ready: u32,
     endpoints: Vec<SocketAddr>,
+    /// Ready endpoints by port name ("" for an unnamed port), as a Service port finds its
+    /// target port.
+    ready_by_port: BTreeMap<String, BTreeSet<SocketAddr>>,
+}
+
+/// Why a Service's connections cannot be held.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HoldError {
+    #[error("Service {0:?} is headless (clusterIP None): there is no address to hold")]
+    Headless(String),
+    #[error("Service {0:?} has no clusterIP yet")]
+    NoClusterIp(String),
+    #[error("Service {service:?} has no TCP port {port}")]
+    NoSuchPort { service: String, port: u16 },
+    #[error("Service {0:?} has no TCP port")]
+    NoTcpPort(String),
+    #[error("Service {service:?} has clusterIP {ip:?}, which is not an IP address")]
+    BadClusterIp { service: String, ip: String },
+}
+
+/// The ClusterIP and the Service port to hold, with that port's name: `wanted` or the first TCP
+/// port.
+pub fn held_port(svc: &Service, wanted: Option<u16>) -> Result<(SocketAddr, String), HoldError> {
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let spec = svc.spec.clone().unwrap_or_default();
+    let ip = spec.cluster_ip.clone().unwrap_or_default();
+    if ip == "None" {
+        return Err(HoldError::Headless(name));
+    }
+    if ip.is_empty() {
+        return Err(HoldError::NoClusterIp(name));
+    }
+    let ip: IpAddr = ip.parse().map_err(|_| HoldError::BadClusterIp {
+        service: name.clone(),
+        ip: ip.clone(),
+    })?;
+    let tcp = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP");
+    let port = match wanted {
+        Some(w) => tcp
+            .clone()
+            .find(|p| p.port == i32::from(w))
+            .ok_or(HoldError::NoSuchPort {
+                service: name.clone(),
+                port: w,
+            })?,
+        None => tcp.clone().next().ok_or(HoldError::NoTcpPort(name.clone()))?,
+    };
+    let number = u16::try_from(port.port).map_err(|_| HoldError::NoTcpPort(name))?;
+    Ok((SocketAddr::new(ip, number), port.name.clone().unwrap_or_default()))
 }
 
 /// Every address × port pair that parses, sorted and without duplicates.
@@ -109,7 +188,8 @@ impl KubeActuator {
             client,
             targets: RwLock::new(HashMap::new()),
             slices: AtomicU8::new(SLICES_UNKNOWN),
-            endpoints: RwLock::new(BTreeMap::new()),
+            watched: RwLock::new(BTreeMap::new()),
+            unheld: RwLock::new(BTreeMap::new()),
         }
     }
 
@@ -123,14 +203,14 @@ impl KubeActuator {
         if let Ok(mut t) = self.targets.write() {
             t.remove(service);
         }
-        if let Ok(mut e) = self.endpoints.write() {
+        if let Ok(mut e) = self.watched.write() {
             e.remove(service);
         }
     }
 
-    /// The endpoints last seen for each service with a target: what the agents should watch.
-    pub fn endpoints(&self) -> BTreeMap<String, Vec<SocketAddr>> {
-        self.endpoints.read().map(|e| e.clone()).unwrap_or_default()
+    /// What was last seen for each service with a target: what the agents should watch.
+    pub fn watched(&self) -> BTreeMap<String, Watched> {
+        self.watched.read().map(|e| e.clone()).unwrap_or_default()
     }
 
     fn target(&self, service: &str) -> Result<Target, ActuatorError> {
@@ -182,6 +262,7 @@ impl KubeActuator {
                     }
                     let mut ready = BTreeSet::new();
                     let mut all = BTreeSet::new();
+                    let mut ready_by_port: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
                     for slice in &list.items {
                         let ports: Vec<i32> = slice.ports.iter().flatten().filter_map(|p| p.port).collect();
                         for e in &slice.endpoints {
@@ -189,12 +270,23 @@ impl KubeActuator {
                             // An endpoint without a ready condition is ready (the API's rule).
                             if e.conditions.as_ref().and_then(|c| c.ready) != Some(false) {
                                 ready.insert(e.addresses.first().cloned().unwrap_or_default());
+                                for p in slice.ports.iter().flatten() {
+                                    let Some(port) = p.port else { continue };
+                                    ready_by_port
+                                        .entry(p.name.clone().unwrap_or_default())
+                                        .or_default()
+                                        .extend(pairs(
+                                            e.addresses.iter().take(1).map(String::as_str),
+                                            &[port],
+                                        ));
+                                }
                             }
                         }
                     }
                     return Ok(Some(Seen {
                         ready: ready.len() as u32,
                         endpoints: all.into_iter().collect(),
+                        ready_by_port,
                     }));
                 }
                 Err(kube::Error::Api(s))
@@ -214,16 +306,24 @@ impl KubeActuator {
         };
         let mut ready = 0;
         let mut all = BTreeSet::new();
+        let mut ready_by_port: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
         for subset in ep.subsets.iter().flatten() {
             let ports: Vec<i32> = subset.ports.iter().flatten().map(|p| p.port).collect();
             let addresses = subset.addresses.iter().flatten();
             ready += addresses.clone().count() as u32;
+            for p in subset.ports.iter().flatten() {
+                ready_by_port
+                    .entry(p.name.clone().unwrap_or_default())
+                    .or_default()
+                    .extend(pairs(addresses.clone().map(|a| a.ip.as_str()), &[p.port]));
+            }
             let not_ready = subset.not_ready_addresses.iter().flatten();
             all.extend(pairs(addresses.chain(not_ready).map(|a| a.ip.as_str()), &ports));
         }
         Ok(Some(Seen {
             ready,
             endpoints: all.into_iter().collect(),
+            ready_by_port,
         }))
     }
 
@@ -232,10 +332,14 @@ impl KubeActuator {
     /// Records the Service's endpoints under `service`.
     pub async fn ready(&self, service: &str, t: &Target) -> Result<u32, kube::Error> {
         let seen = self.seen(t).await?;
-        if let Ok(mut e) = self.endpoints.write() {
+        let hold = self.hold(service, t, seen.as_ref()).await;
+        if let Ok(mut e) = self.watched.write() {
             e.insert(
                 service.into(),
-                seen.as_ref().map(|s| s.endpoints.clone()).unwrap_or_default(),
+                Watched {
+                    endpoints: seen.as_ref().map(|s| s.endpoints.clone()).unwrap_or_default(),
+                    hold,
+                },
             );
         }
         if let Some(s) = seen {
@@ -247,6 +351,38 @@ impl KubeActuator {
         }
         let scale = self.api(t).get_scale(&t.name).await?;
         Ok(scale.status.map_or(0, |s| s.replicas.max(0) as u32))
+    }
+}
+
+impl KubeActuator {
+    /// The target's Service's ClusterIP and port, and the ready endpoints on its target port;
+    /// `None`, logged once per reason, where it cannot be held.
+    async fn hold(&self, service: &str, t: &Target, seen: Option<&Seen>) -> Option<Hold> {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &t.namespace);
+        let found = match api.get_opt(&t.service).await {
+            Ok(Some(svc)) => held_port(&svc, t.service_port).map_err(|e| e.to_string()),
+            Ok(None) => Err(format!("Service {:?} not found", t.service)),
+            Err(e) => Err(format!("cannot read Service {:?}: {e}", t.service)),
+        };
+        let (address, port_name) = match found {
+            Ok(x) => x,
+            Err(why) => {
+                let mut unheld = self.unheld.write().ok()?;
+                if unheld.get(service) != Some(&why) {
+                    tracing::warn!(service, reason = %why, "connections to the service are not held at zero");
+                    unheld.insert(service.into(), why);
+                }
+                return None;
+            }
+        };
+        if let Ok(mut unheld) = self.unheld.write() {
+            unheld.remove(service);
+        }
+        let backends = seen
+            .and_then(|s| s.ready_by_port.get(&port_name))
+            .map(|b| b.iter().copied().collect())
+            .unwrap_or_default();
+        Some(Hold { address, backends })
     }
 }
 
@@ -280,6 +416,48 @@ impl Actuator for KubeActuator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service(cluster_ip: &str, ports: serde_json::Value) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web"},
+            "spec": {"clusterIP": cluster_ip, "ports": ports},
+        }))
+        .expect("service")
+    }
+
+    #[test]
+    fn the_held_port_is_the_one_asked_for_or_the_first_tcp_one() {
+        let ports = serde_json::json!([
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "http", "port": 80, "targetPort": 8080},
+            {"name": "grpc", "port": 9090, "protocol": "TCP"},
+        ]);
+        let svc = service("10.0.0.7", ports);
+        assert_eq!(
+            held_port(&svc, None),
+            Ok(("10.0.0.7:80".parse().expect("literal"), "http".into()))
+        );
+        assert_eq!(
+            held_port(&svc, Some(9090)),
+            Ok(("10.0.0.7:9090".parse().expect("literal"), "grpc".into()))
+        );
+        assert_eq!(
+            held_port(&svc, Some(53)).map_err(|e| e.to_string()),
+            Err("Service \"web\" has no TCP port 53".into())
+        );
+        assert_eq!(
+            held_port(&service("None", serde_json::json!([{"port": 80}])), None).map_err(|e| e.to_string()),
+            Err("Service \"web\" is headless (clusterIP None): there is no address to hold".into())
+        );
+        assert_eq!(
+            held_port(
+                &service("10.0.0.7", serde_json::json!([{"port": 53, "protocol": "UDP"}])),
+                None
+            )
+            .map_err(|e| e.to_string()),
+            Err("Service \"web\" has no TCP port".into())
+        );
+    }
 
     #[test]
     fn endpoints_are_every_address_and_port() {

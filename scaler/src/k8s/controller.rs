@@ -27,14 +27,14 @@ use surge_policy::{decision::Mode as DecisionMode, Defaults, Engine, Policy, Tim
 use tokio::sync::{watch, Mutex};
 
 use super::{
-    actuator::{resolve, KubeActuator, Target, MANAGER},
+    actuator::{resolve, KubeActuator, Target, Watched, MANAGER},
     conditions::{self, rfc3339, ACTIVE, CONFLICT, FALLBACK, PAUSED, READY},
     crd::{LastDecision, ScaleTargetRef, SurgeScaler, SurgeScalerStatus, FINALIZER},
     policy::policy_of,
 };
 use crate::{
     actuator::Actuator,
-    catalog::{Mode, Requests, ServiceSpec},
+    catalog::{Balance, Mode, Requests, ServiceSpec},
     control::ReplicaCounts,
     observations,
     state::Shared,
@@ -244,6 +244,7 @@ async fn apply(cr: &SurgeScaler, ctx: &Ctx) -> Result<Action, Error> {
         resource: r.clone(),
         name: t.name.clone(),
         service: service.clone(),
+        service_port: cr.spec.service_port,
     });
     let k = key(&ns, &name);
 
@@ -363,6 +364,7 @@ async fn cleanup(cr: &SurgeScaler, ctx: &Ctx) -> Result<Action, Error> {
                     resource,
                     name: t.name.clone(),
                     service: String::new(),
+                    service_port: None,
                 };
                 match ctx.actuator.set(&target, n).await {
                     Ok(()) => {
@@ -415,26 +417,43 @@ async fn control_loop(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
             }
         }
         drop(entries);
-        let endpoints = ctx.actuator.endpoints();
-        if endpoints != watched {
-            publish_watch_set(&ctx, &endpoints);
-            watched = endpoints;
+        let now_watched = ctx.actuator.watched();
+        if now_watched != watched {
+            publish_watch_set(&ctx, &watched, &now_watched);
+            watched = now_watched;
         }
     }
 }
 
 /// Tells the agents (through the catalog's watch set) to watch the endpoints of every scaled
-/// Service, next to the services declared outside Kubernetes. They are observed only: the
-/// SurgeScalers' own loop scales them.
-fn publish_watch_set(ctx: &Ctx, endpoints: &BTreeMap<String, Vec<std::net::SocketAddr>>) {
+/// Service, next to the services declared outside Kubernetes, and to hold connections to its
+/// ClusterIP and port while it has no ready endpoint. They are observed only: the SurgeScalers'
+/// own loop scales them.
+fn publish_watch_set(ctx: &Ctx, before: &BTreeMap<String, Watched>, now: &BTreeMap<String, Watched>) {
+    for (name, w) in now {
+        let b = Balance {
+            service_address: w.hold.as_ref().map(|h| h.address),
+            backends: w.hold.as_ref().map(|h| h.backends.clone()).unwrap_or_default(),
+            endpoints: Vec::new(),
+            cgroups: Vec::new(),
+            hold_only: true,
+        };
+        if w.hold.is_some() {
+            ctx.shared.catalog.set_balance(name, b);
+        } else {
+            ctx.shared.catalog.clear_balance(name);
+        }
+    }
+    for name in before.keys().filter(|n| !now.contains_key(*n)) {
+        ctx.shared.catalog.clear_balance(name);
+    }
     let mut specs = ctx.base.clone();
     specs.extend(
-        endpoints
-            .iter()
+        now.iter()
             .filter(|(name, _)| !ctx.base.iter().any(|b| &b.name == *name))
-            .map(|(name, eps)| ServiceSpec {
+            .map(|(name, w)| ServiceSpec {
                 name: name.clone(),
-                endpoints: eps.clone(),
+                endpoints: w.endpoints.clone(),
                 cgroups: Vec::new(),
                 mode: Mode::Observe,
                 policy: None,
@@ -444,7 +463,8 @@ fn publish_watch_set(ctx: &Ctx, endpoints: &BTreeMap<String, Vec<std::net::Socke
             }),
     );
     tracing::info!(
-        services = endpoints.len(),
+        services = now.len(),
+        held = now.values().filter(|w| w.hold.is_some()).count(),
         "watch set of the scaled services changed"
     );
     ctx.shared.catalog.replace(specs);

@@ -35,6 +35,12 @@ pub struct SurgeScalerSpec {
     /// endpoints the agents watch. Default: the target's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// The port of that Service (its `port`, not the pods' target port) whose new connections
+    /// the agents hold while the target has no ready replica, and hand to a replica once one is
+    /// ready. Default: the Service's first TCP port. A headless Service is not held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub service_port: Option<u16>,
     /// The policy, with the fields of a Surge policy file's `policy:` section (or of a KEDA
     /// ScaledObject's `spec`). Checked by the scaler with the messages of `surgectl validate`.
     #[schemars(schema_with = "free_form")]

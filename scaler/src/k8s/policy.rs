@@ -52,6 +52,7 @@ mod tests {
                     name: "web".into(),
                 },
                 service: None,
+                service_port: None,
                 policy,
             },
         );

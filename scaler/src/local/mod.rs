@@ -256,6 +256,7 @@ fn balance(service_address: SocketAddr, replicas: &[ReplicaStatus], cgroup: Opti
             .filter_map(|r| r.addr)
             .collect(),
         cgroups: cgroup.iter().map(|c| c.to_string()).collect(),
+        hold_only: false,
     }
 }
 
