@@ -11,13 +11,14 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use surge_common::{
     http::PREFIX_LEN,
-    stream::{Framer, HeadQueue, Side, Starts, CANCEL_IDS, CHUNK},
-    ConnState, ServiceCounters, CONN_CLIENT, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD, CONN_TLS, START_SLOTS,
+    stream::{Framer, HeadQueue, Side, Starts, CANCEL_IDS, CHUNK, STREAM_IDS},
+    ConnKey, ConnState, ServiceCounters, StreamKey, CONN_CLIENT, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD,
+    CONN_TLS, START_SLOTS,
 };
 
 use crate::{
     counters,
-    maps::{counters_of, port_watched, service_of, FrameScratch, CONNS, FRAMING, FRESH_CONN},
+    maps::{counters_of, port_watched, service_of, FrameScratch, CONNS, FRAMING, FRESH_CONN, STREAM_STARTS},
     packet::{Direction, Segment},
 };
 
@@ -154,25 +155,27 @@ fn on_payload(
         Direction::Ingress => Side::Requests,
         Direction::Egress => Side::Responses,
     };
-    let starts = frame(
+    let Some(starts) = frame(
         ctx,
         framer,
         heads,
         seg.payload_offset as u32 + skip,
         seg.payload_offset as u32 + len32,
         side,
-    );
+    ) else {
+        return Ok(());
+    };
     if starts.probes > 0 {
         counters::add_u64(&mut c.probe_requests, starts.probes as u64);
     }
     if starts.messages > 0 {
         match dir {
-            Direction::Ingress => open_requests(state, &starts, c),
-            Direction::Egress => close_requests(state, &starts, c),
+            Direction::Ingress => open_requests(state, &seg.conn, starts, c),
+            Direction::Egress => close_requests(state, &seg.conn, starts, c),
         }
     }
     if starts.cancel_count > 0 {
-        cancel_requests(state, &starts, c);
+        cancel_requests(state, &seg.conn, starts, c);
     }
     Ok(())
 }
@@ -207,18 +210,16 @@ fn frame(
     off: u32,
     end: u32,
     side: Side,
-) -> Starts {
+) -> Option<&'static Starts> {
     if framer.is_lost() {
-        return Starts::default();
+        return None;
     }
     // Ingress runs in softirq and can interrupt an egress program on this CPU: one slot each.
     let slot = match side {
         Side::Requests => 1,
         Side::Responses => 0,
     };
-    let Some(s) = FRAMING.get_ptr_mut(slot) else {
-        return Starts::default();
-    };
+    let s = FRAMING.get_ptr_mut(slot)?;
     // SAFETY: this CPU's slot; a nested program that reuses it is detected by the generation.
     let s = unsafe { &mut *s };
     s.generation = s.generation.wrapping_add(1);
@@ -250,7 +251,7 @@ fn frame(
         // Another program on this CPU used the slot meanwhile: this segment's framing is lost.
         framer.lose();
         framer.settle_heads(side, heads);
-        return Starts::default();
+        return None;
     }
     if rounds as u32 >= MAX_ROUNDS && !s.cursor.finished() {
         // More header bytes than the bound: give the stream up rather than miscount it.
@@ -260,7 +261,9 @@ fn frame(
     s.framer.settle_heads(side, &mut s.starts.heads);
     heads.bits = s.starts.heads.bits;
     heads.len = s.starts.heads.len;
-    s.starts
+    // This CPU's slot for this direction: read by the caller before the program ends, and a
+    // nested program uses the other slot.
+    Some(&s.starts)
 }
 
 /// Copies a framer a word at a time: an aggregate copy compiles to a byte loop in BPF.
@@ -332,16 +335,15 @@ fn load_prefix(ctx: &SkBuffContext, seg: &Segment) -> Result<([u8; PREFIX_LEN], 
 }
 
 /// HTTP/2 streams the client reset (a cancelled call): the server may never end them, so each
-/// that is still open ends now, with no response and no latency. A stream without a slot (more
-/// than [`START_SLOTS`] open) stays open until its end or its connection's.
+/// that is still open ends now, with no response and no latency.
 #[inline(always)]
-fn cancel_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounters) {
+fn cancel_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut ServiceCounters) {
     let mut i = 0;
     while i < CANCEL_IDS as u32 {
-        if i >= starts.cancel_count || state.stored == 0 || state.open_requests == 0 {
+        if i >= starts.cancel_count || state.open_requests == 0 {
             break;
         }
-        if take_start(state, starts.cancelled(i), false).is_some() {
+        if take_start(state, conn, starts.cancelled(i), false).is_some() {
             state.open_requests -= 1;
             let now = now_ns() as i64;
             counters::add_i64(&mut c.inflight_sign_sum, -1);
@@ -351,11 +353,24 @@ fn cancel_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounte
     }
 }
 
-/// Takes an open request's start out of the ring: HTTP/2 stream `id`'s own, or else (with
-/// `or_oldest`) the oldest one, as HTTP/1.1 answers in order and its ids are all 0. The oldest
-/// start moves into the place of the one taken: only HTTP/1.1 needs the order kept.
+/// Takes an open request's start: HTTP/2 stream `id`'s own (from the ring, or from
+/// `STREAM_STARTS` for a stream past the ring), or else (with `or_oldest`) the oldest one in the
+/// ring, as HTTP/1.1 answers in order and its ids are all 0. The oldest start moves into the
+/// place of the one taken: only HTTP/1.1 needs the order kept.
 #[inline(always)]
-fn take_start(state: &mut ConnState, id: u32, or_oldest: bool) -> Option<u64> {
+fn take_start(state: &mut ConnState, conn: &ConnKey, id: u32, or_oldest: bool) -> Option<u64> {
+    if id != 0 && state.spilled > 0 {
+        let key = StreamKey {
+            conn: *conn,
+            stream_id: id,
+        };
+        // SAFETY: the value is copied out at once.
+        if let Some(start) = unsafe { STREAM_STARTS.get(&key) }.copied() {
+            let _ = STREAM_STARTS.remove(&key);
+            state.spilled -= 1;
+            return Some(start);
+        }
+    }
     if state.stored == 0 {
         return None;
     }
@@ -401,33 +416,53 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// Keeps the start of a request: in the ring while it has room (for HTTP/1.1 only while every
+/// earlier open request has a slot, so the order is kept), else an HTTP/2 stream's in
+/// `STREAM_STARTS`, else, for the first request without a place, in `request_start_ns`.
+#[inline(always)]
+fn keep_start(state: &mut ConnState, conn: &ConnKey, id: u32, now: u64) {
+    let in_order = state.stored == state.open_requests;
+    if state.stored < START_SLOTS as u32 && (in_order || id != 0) {
+        let slot = (state.oldest + state.stored) as usize & (START_SLOTS - 1);
+        state.starts[slot] = now;
+        state.stream_ids[slot] = id;
+        state.stored += 1;
+        return;
+    }
+    if id != 0 {
+        let key = StreamKey {
+            conn: *conn,
+            stream_id: id,
+        };
+        if STREAM_STARTS.insert(&key, &now, 0).is_ok() {
+            state.spilled += 1;
+            return;
+        }
+    }
+    if state.stored + state.spilled == state.open_requests {
+        state.request_start_ns = now;
+    }
+}
+
 /// The requests started in one segment (`starts.messages`), now.
 #[inline(always)]
-fn open_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounters) {
+fn open_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut ServiceCounters) {
     let k = starts.messages;
     let now = now_ns();
     let mut i = 0;
-    while i < START_SLOTS as u32 {
+    while i < STREAM_IDS as u32 {
         if i >= k {
             break;
         }
-        // A request gets a slot only while every earlier open one has one (order is kept).
-        if state.stored == state.open_requests && state.stored < START_SLOTS as u32 {
-            let slot = (state.oldest + state.stored) as usize & (START_SLOTS - 1);
-            state.starts[slot] = now;
-            state.stream_ids[slot] = starts.stream_of(i);
-            state.stored += 1;
-        } else if state.stored == state.open_requests {
-            state.request_start_ns = now;
-        }
+        keep_start(state, conn, starts.stream_of(i), now);
         state.open_requests += 1;
         i += 1;
     }
-    if k > START_SLOTS as u32 {
-        if state.stored == state.open_requests {
+    if k > STREAM_IDS as u32 {
+        if state.stored + state.spilled == state.open_requests {
             state.request_start_ns = now;
         }
-        state.open_requests += k - START_SLOTS as u32;
+        state.open_requests += k - STREAM_IDS as u32;
     }
     counters::add_u64(&mut c.requests, k as u64);
     counters::add_i64(&mut c.inflight_sign_sum, k as i64);
@@ -438,7 +473,7 @@ fn open_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounters
 /// its own stream's request where the stream id is known (HTTP/2 answers in any order), else
 /// the oldest open request (HTTP/1.1 answers in order).
 #[inline(always)]
-fn close_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounters) {
+fn close_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut ServiceCounters) {
     let k = if starts.messages > state.open_requests {
         state.open_requests
     } else {
@@ -450,11 +485,11 @@ fn close_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounter
     let now = now_ns();
     let mut i = 0;
     let mut unslotted = k;
-    while i < START_SLOTS as u32 {
+    while i < STREAM_IDS as u32 {
         if i >= k {
             break;
         }
-        let Some(start) = take_start(state, starts.stream_of(i), true) else {
+        let Some(start) = take_start(state, conn, starts.stream_of(i), true) else {
             break;
         };
         let latency = now.saturating_sub(start);
@@ -464,7 +499,7 @@ fn close_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounter
         i += 1;
     }
     if unslotted > 0 {
-        // Requests whose start had no slot: they started no earlier than `request_start_ns`.
+        // Requests whose start had no place: they started no earlier than `request_start_ns`.
         let latency = now.saturating_sub(state.request_start_ns);
         counters::add_u64(&mut c.latency_sum_ns, latency * unslotted as u64);
         let bucket = surge_common::latency::bucket_of(latency / 1000);
@@ -476,6 +511,8 @@ fn close_requests(state: &mut ConnState, starts: &Starts, c: &mut ServiceCounter
     if state.open_requests == 0 {
         state.oldest = 0;
         state.stored = 0;
+        // Any start left in STREAM_STARTS belongs to no open stream; the LRU drops it.
+        state.spilled = 0;
     }
     counters::add_u64(&mut c.responses, k as u64);
     counters::add_i64(&mut c.inflight_sign_sum, -(k as i64));

@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use surge_common::{
     stream::{Cursor, Framer, Starts},
-    ConnKey, ConnState, EndpointKey, ServiceCounters, MAX_CGROUPS, MAX_CONNECTIONS, MAX_ENDPOINTS,
-    MAX_SERVICES, WATCHED_PORT_WORDS,
+    ConnKey, ConnState, EndpointKey, ServiceCounters, StreamKey, MAX_CGROUPS, MAX_CONNECTIONS, MAX_ENDPOINTS,
+    MAX_SERVICES, MAX_SPILLED_STREAMS, WATCHED_PORT_WORDS,
 };
 
 /// Watched local endpoints → service id. Written by the agent.
@@ -39,6 +39,12 @@ pub static COUNTERS: PerCpuArray<ServiceCounters> = PerCpuArray::with_max_entrie
 /// HTTP state of each watched connection, by 4-tuple from the server's side.
 #[map(name = "CONNS")]
 pub static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+
+/// Starts (bpf_ktime_get_ns) of HTTP/2 streams open past their connection's slots, so that a
+/// gRPC channel with many calls at once gets each one's latency, and a reset ends the right one.
+/// Least recently used entries go first: those of connections that closed with streams open.
+#[map(name = "STREAM_STARTS")]
+pub static STREAM_STARTS: LruHashMap<StreamKey, u64> = LruHashMap::with_max_entries(MAX_SPILLED_STREAMS, 0);
 
 /// One all-zero connection state, never written: new CONNS entries are copied from it rather
 /// than from a value built on the stack, which the verifier's 512-byte limit makes scarce.

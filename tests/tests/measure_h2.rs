@@ -308,6 +308,84 @@ fn http2_streams_answered_out_of_order_each_get_their_own_latency() {
     );
 }
 
+/// Sends a GET of `/ms/{ms}` on a new stream; the answer's task, which reads it to the end.
+async fn stream_of(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    addr: SocketAddr,
+    ms: u64,
+) -> tokio::task::JoinHandle<()> {
+    let mut c = client.clone().ready().await.expect("ready");
+    let req = http::Request::get(format!("http://{addr}/ms/{ms}"))
+        .body(())
+        .expect("request");
+    let (resp, _) = c.send_request(req, true).expect("sent");
+    tokio::spawn(async move {
+        let resp = resp.await.expect("answered");
+        let mut body = resp.into_body();
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+    })
+}
+
+/// Many streams open at once on one connection, as a gRPC channel multiplexes its calls: more
+/// than the connection's 8 slots in the kernel. Each still gets its own latency: 12 streams of
+/// 400 ms, then, 200 ms later, 8 of 50 ms that end first (matched to the oldest open start, as
+/// without a slot of their own, they would be about 250 ms).
+#[test]
+fn http2_streams_past_eight_open_at_once_each_get_their_own_latency() {
+    let (rt, addr, scaler, _agent) = observed_delay_server("h2-many", "h2m");
+    rt.block_on(async move {
+        let client = h2_connect(addr).await;
+        let mut streams = Vec::new();
+        for _ in 0..12 {
+            streams.push(stream_of(&client, addr, 400).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for _ in 0..8 {
+            streams.push(stream_of(&client, addr, 50).await);
+        }
+        for s in streams {
+            s.await.expect("stream");
+        }
+    });
+    scaler.wait_reports(3);
+    let v = scaler.service("h2m");
+    assert_eq!(count(&v, "requests_total"), 20, "{v}");
+    assert_eq!(count(&v, "in_flight"), 0, "{v}");
+    let (fast, total) = latency_counts(&scaler, "h2m", 0.2);
+    let (below_300ms, _) = latency_counts(&scaler, "h2m", 0.3);
+    assert_eq!(total, 20);
+    assert_eq!(fast, 8, "the 50 ms streams, and only they, are under 200 ms");
+    assert_eq!(below_300ms, 8, "the 400 ms streams are 400 ms");
+}
+
+/// Cancelled streams past the connection's 8 slots end too: 20 calls dropped unanswered leave
+/// none in flight on a connection that stays open.
+#[test]
+fn http2_streams_past_eight_the_client_cancels_are_no_longer_in_flight() {
+    let (rt, addr, scaler, _agent) = observed_delay_server("h2-many-cancel", "h2mx");
+    let n = 20;
+    let client = rt.block_on(h2_connect(addr));
+    let pending: Vec<_> = rt.block_on(async {
+        let mut pending = Vec::new();
+        for _ in 0..n {
+            let mut c = client.clone().ready().await.expect("ready");
+            let req = http::Request::get(format!("http://{addr}/ms/60000"))
+                .body(())
+                .expect("request");
+            pending.push(c.send_request(req, true).expect("sent").0);
+        }
+        pending
+    });
+    scaler.wait_for("h2mx", "twenty calls in flight", |v| v["in_flight"] == n);
+    drop(pending);
+    let v = scaler.wait_for("h2mx", "no call in flight", |v| v["in_flight"] == 0);
+    assert_eq!(count(&v, "requests_total"), n as u64, "{v}");
+    assert_eq!(count(&v, "connections_closed_total"), 0, "{v}");
+    drop(client);
+}
+
 /// One HTTP/2 frame.
 fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);

@@ -72,9 +72,23 @@ pub struct ConnKey {
     pub remote_port: u16,
 }
 
-/// How many open requests of one connection keep their own start time (pipelined HTTP/1.1,
-/// concurrent HTTP/2 streams); requests beyond it share the start of the first of them.
+/// How many open requests of one connection keep their own start time in its state (pipelined
+/// HTTP/1.1, concurrent HTTP/2 streams). HTTP/1.1 requests beyond it share the start of the
+/// first of them; HTTP/2 streams beyond it keep theirs in `STREAM_STARTS`, by [`StreamKey`].
 pub const START_SLOTS: usize = 8;
+
+/// How many HTTP/2 streams, over all connections, keep their start outside their connection's
+/// slots (the least recently used go first when it is full).
+pub const MAX_SPILLED_STREAMS: u32 = 65_536;
+
+/// One HTTP/2 stream of a connection: where a stream past its connection's [`START_SLOTS`]
+/// keeps its start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StreamKey {
+    pub conn: ConnKey,
+    pub stream_id: u32,
+}
 
 /// What the kernel remembers of one HTTP connection between segments.
 #[repr(C)]
@@ -102,8 +116,8 @@ pub struct ConnState {
     pub service_id: u32,
     /// `CONN_*` bits.
     pub flags: u32,
-    /// Explicit padding to a multiple of 8 bytes.
-    pub _pad: u32,
+    /// HTTP/2 streams of this connection whose start is in `STREAM_STARTS`.
+    pub spilled: u32,
     /// Which open requests are HEAD (their responses have no body), oldest first.
     pub heads: crate::stream::HeadQueue,
     /// HTTP/1 message framing of the client's bytes (requests) and the server's (responses).
@@ -167,6 +181,7 @@ mod pod {
     // padding explicit, so any bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::StreamKey {}
     unsafe impl aya::Pod for super::ConnState {}
     unsafe impl aya::Pod for super::ServiceCounters {}
     unsafe impl aya::Pod for super::Balanced {}

@@ -108,9 +108,9 @@ pub struct Starts {
 }
 
 /// How many HTTP/2 stream ids one segment's [`Starts`] keeps.
-pub const STREAM_IDS: usize = 8;
+pub const STREAM_IDS: usize = 32;
 /// How many client resets of HTTP/2 streams one segment's [`Starts`] keeps.
-pub const CANCEL_IDS: usize = 8;
+pub const CANCEL_IDS: usize = 32;
 
 impl Starts {
     /// HTTP/2: a message of stream `id` was counted.
