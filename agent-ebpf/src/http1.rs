@@ -469,37 +469,111 @@ fn open_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut
     counters::add_i64(&mut c.inflight_time_sum, now as i64 * k as i64);
 }
 
-/// The final responses (or HTTP/2 stream ends) in one segment (`starts.messages`): each ends
-/// its own stream's request where the stream id is known (HTTP/2 answers in any order), else
-/// the oldest open request (HTTP/1.1 answers in order).
+/// [`Starts::stream_of`] for a loop round's index, bounded where the verifier sees it: the
+/// compiler would test a copy of the index and use another.
 #[inline(always)]
-fn close_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut ServiceCounters) {
-    let k = if starts.messages > state.open_requests {
-        state.open_requests
+fn stream_at(starts: &Starts, i: u32) -> u32 {
+    let j = core::hint::black_box(i as usize);
+    if j < STREAM_IDS && (j as u32) < starts.id_count {
+        starts.ids[j]
     } else {
-        starts.messages
-    };
-    if k == 0 {
-        return;
+        0
     }
-    let now = now_ns();
-    let mut i = 0;
-    let mut unslotted = k;
-    while i < STREAM_IDS as u32 {
-        if i >= k {
-            break;
-        }
-        let Some(start) = take_start(state, conn, starts.stream_of(i), true) else {
-            break;
-        };
-        let latency = now.saturating_sub(start);
+}
+
+/// What one round of [`close_one`] is given, and what the rounds count.
+#[repr(C)]
+struct CloseLoop {
+    state: *mut ConnState,
+    conn: *const ConnKey,
+    starts: *const Starts,
+    c: *mut ServiceCounters,
+    now: u64,
+    /// Requests ended so far: with their own start, and without one.
+    ended: u32,
+    unslotted: u32,
+}
+
+/// The end of the `i`th message of the segment: its request's own start, else (HTTP/1.1, or an
+/// HTTP/2 id not kept) the oldest, else one of the open requests without a start of their own.
+/// An HTTP/2 end whose stream is not open ends nothing. Returns false past the last end.
+#[inline(always)]
+fn close_at(l: &mut CloseLoop, i: u32) -> bool {
+    // SAFETY: the pointers are the caller's connection state, key, starts and counters, valid
+    // for as long as `l` is.
+    let (state, conn, starts, c) = unsafe { (&mut *l.state, &*l.conn, &*l.starts, &mut *l.c) };
+    if i >= starts.messages || l.ended >= state.open_requests {
+        return false;
+    }
+    let id = stream_at(starts, i);
+    if let Some(start) = take_start(state, conn, id, id == 0) {
+        let latency = l.now.saturating_sub(start);
         counters::add_u64(&mut c.latency_sum_ns, latency);
         counters::record_latency(c, latency);
-        unslotted -= 1;
-        i += 1;
+        l.ended += 1;
+    } else if state.open_requests - l.ended > state.stored + state.spilled {
+        l.unslotted += 1;
+        l.ended += 1;
+    }
+    true
+}
+
+/// One round of the `bpf_loop` in [`close_requests`]; returns 1 to stop the loop.
+#[inline(never)]
+extern "C" fn close_one(i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `CloseLoop` on the caller's stack.
+    let l = unsafe { &mut *(ctx as *mut CloseLoop) };
+    if close_at(l, i) {
+        0
+    } else {
+        1
+    }
+}
+
+/// The final responses (or HTTP/2 stream ends) in one segment (`starts.messages`): each ends
+/// its own stream's request where the stream id is known (HTTP/2 answers in any order), else
+/// the oldest open request (HTTP/1.1 answers in order). An HTTP/2 end whose stream is not open
+/// (it crossed the client's reset, which ended it already) ends nothing and is no response.
+/// Several ends go through a `bpf_loop`, whose round is verified once, however many ends a
+/// segment has.
+#[inline(always)]
+fn close_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut ServiceCounters) {
+    let mut l = CloseLoop {
+        state: state as *mut ConnState,
+        conn: conn as *const ConnKey,
+        starts: starts as *const Starts,
+        c: c as *mut ServiceCounters,
+        now: now_ns(),
+        ended: 0,
+        unslotted: 0,
+    };
+    if starts.messages == 1 {
+        // One end, as an HTTP/1.1 response segment mostly has: no loop.
+        close_at(&mut l, 0);
+    } else {
+        // SAFETY: the callback only uses `l`, which outlives the call.
+        unsafe {
+            bpf_loop(
+                STREAM_IDS as u32,
+                close_one as *mut c_void,
+                &mut l as *mut CloseLoop as *mut c_void,
+                0,
+            )
+        };
+    }
+    let (now, mut ended, mut unslotted) = (l.now, l.ended, l.unslotted);
+    if starts.messages > STREAM_IDS as u32 && ended <= state.open_requests {
+        // Ends past the ids kept: each ends an open request without a start of its own.
+        let without = state.open_requests - ended;
+        let rest = starts.messages - STREAM_IDS as u32;
+        let n = if rest < without { rest } else { without };
+        unslotted += n;
+        ended += n;
+    }
+    if ended == 0 || ended > state.open_requests {
+        return;
     }
     if unslotted > 0 {
-        // Requests whose start had no place: they started no earlier than `request_start_ns`.
         let latency = now.saturating_sub(state.request_start_ns);
         counters::add_u64(&mut c.latency_sum_ns, latency * unslotted as u64);
         let bucket = surge_common::latency::bucket_of(latency / 1000);
@@ -507,16 +581,16 @@ fn close_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mu
             counters::add_u64(slot, unslotted as u64);
         }
     }
-    state.open_requests -= k;
+    state.open_requests -= ended;
     if state.open_requests == 0 {
         state.oldest = 0;
         state.stored = 0;
         // Any start left in STREAM_STARTS belongs to no open stream; the LRU drops it.
         state.spilled = 0;
     }
-    counters::add_u64(&mut c.responses, k as u64);
-    counters::add_i64(&mut c.inflight_sign_sum, -(k as i64));
-    counters::add_i64(&mut c.inflight_time_sum, -(now as i64 * k as i64));
+    counters::add_u64(&mut c.responses, ended as u64);
+    counters::add_i64(&mut c.inflight_sign_sum, -(ended as i64));
+    counters::add_i64(&mut c.inflight_time_sum, -(now as i64 * ended as i64));
 }
 
 /// The connection ended: requests still open on it end now, and its state goes. A client

@@ -516,6 +516,63 @@ fn an_h2c_upgrade_is_followed_into_http2() {
     assert_eq!((fast, total), (1, 1 + streams.len() as u64), "{v}");
 }
 
+/// A client's reset and the server's end of the same stream can cross: the server writes its
+/// answer before it reads the reset. That late end is of a stream that ended already, so it
+/// ends no other open stream, and it is no response.
+#[test]
+fn an_end_that_crosses_the_clients_reset_ends_no_other_stream() {
+    use std::io::{Read, Write};
+
+    require_root();
+    let dir = scratch("h2-cross");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (go, told) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().expect("accept");
+        let mut out = Vec::new();
+        frame(&mut out, 4, 0, 0, &[]);
+        c.write_all(&out).expect("server settings");
+        // Told once the client's two streams and its reset of stream 1 are in: stream 1 is
+        // answered as if the reset had not been read yet.
+        told.recv().expect("go");
+        let mut out = Vec::new();
+        frame(&mut out, 1, 5, 1, &[0x88]);
+        c.write_all(&out).expect("the crossing end");
+        told.recv().expect("done");
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+    });
+    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2r={addr}")]);
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for("h2r", "first report", |v| v["reported"] == true);
+    scaler.wait_reports(3);
+
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_nodelay(true).expect("nodelay");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, 4, 0, 0, &[]);
+    for id in [1u32, 3] {
+        frame(&mut out, 1, 5, id, &[0x82, 0x86, 0x84]);
+    }
+    // RST_STREAM (3) of stream 1, error CANCEL (8).
+    frame(&mut out, 3, 0, 1, &8u32.to_be_bytes());
+    c.write_all(&out).expect("streams and reset");
+    scaler.wait_for("h2r", "stream 3 in flight", |v| {
+        v["requests_total"] == 2 && v["in_flight"] == 1
+    });
+    go.send(()).expect("server");
+    let mut buf = Vec::new();
+    read_frames(&mut c, &mut buf, 1);
+    scaler.wait_reports(3);
+    let v = scaler.service("h2r");
+    assert_eq!(v["in_flight"], 1, "stream 3 is still open: {v}");
+    assert_eq!(count(&v, "responses_total"), 0, "{v}");
+    go.send(()).expect("server");
+    drop(c);
+    server.join().expect("server");
+}
+
 #[test]
 fn grpc_unary_calls_are_counted_exactly() {
     require_root();
