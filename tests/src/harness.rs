@@ -115,6 +115,24 @@ impl Proc {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
+    /// Waits (30 s at most) for a log line that contains every one of `parts`.
+    pub fn wait_for_log_line(&self, parts: &[&str]) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.lines().any(|l| parts.iter().all(|p| l.contains(p))) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never logged a line with {parts:?}; log:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends `signal` and waits for the process to exit.
     pub fn stop_with(&mut self, signal: i32) {
         if let Some(mut c) = self.child.take() {

@@ -493,3 +493,74 @@ pub fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
 pub fn condition_is(status: &Value, type_: &str, value: &str) -> bool {
     condition(status, type_).is_some_and(|c| c["status"] == value)
 }
+
+/// The scaler's HTTP API, as seen for one service.
+pub struct ScalerApi {
+    pub http: SocketAddr,
+    pub service: String,
+}
+
+impl ScalerApi {
+    pub fn new(http: SocketAddr, service: &str) -> Self {
+        Self {
+            http,
+            service: service.into(),
+        }
+    }
+
+    pub fn services(&self) -> Value {
+        let (status, body) =
+            crate::http_client::get_text(self.http, "/api/v1/services").expect("scaler API answers");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("JSON")
+    }
+
+    /// The service's view (null until the scaler knows it).
+    pub fn service(&self) -> Value {
+        let all = self.services();
+        all["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|v| v["name"] == self.service.as_str()).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Reports received from every agent.
+    pub fn reports(&self) -> u64 {
+        self.services()["nodes"]
+            .as_array()
+            .map(|n| n.iter().filter_map(|x| x["reports"].as_u64()).sum())
+            .unwrap_or(0)
+    }
+
+    /// Waits until the agents have sent `n` more reports: what they counted or applied before
+    /// is in. Returns the service's view then.
+    pub fn settle(&self, n: u64) -> Value {
+        let start = self.reports();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.reports() < start + n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent stopped reporting"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        self.service()
+    }
+
+    /// Waits until the service's view satisfies `pred`; on timeout, fails with `agent`'s log.
+    pub fn wait(&self, what: &str, agent: &crate::harness::Proc, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.service();
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; last: {v}\nagent log:\n{}",
+                agent.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -16,7 +16,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
@@ -24,11 +24,11 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
     Api,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 use surge_tests::{
     harness::{bin, free_port, require_root, scratch, wait_listening, Agent, Proc},
-    http_client::{get_text, Connection},
-    kube_env::{quick_policy, Env, Flavor},
+    http_client::Connection,
+    kube_env::{quick_policy, Env, Flavor, ScalerApi},
     netns::{ip, Outside},
 };
 
@@ -92,69 +92,13 @@ impl Drop for ServiceRoute {
     }
 }
 
-fn service_view(http: SocketAddr) -> Value {
-    let (status, body) = get_text(http, "/api/v1/services").expect("scaler API answers");
-    assert_eq!(status, 200, "{body}");
-    let all: Value = serde_json::from_str(&body).expect("JSON");
-    all["services"]
-        .as_array()
-        .and_then(|s| s.iter().find(|v| v["name"] == SERVICE).cloned())
-        .unwrap_or(Value::Null)
-}
-
-fn reports(http: SocketAddr) -> u64 {
-    let (_, body) = get_text(http, "/api/v1/services").expect("scaler API answers");
-    let all: Value = serde_json::from_str(&body).expect("JSON");
-    all["nodes"]
-        .as_array()
-        .map(|n| n.iter().filter_map(|x| x["reports"].as_u64()).sum())
-        .unwrap_or(0)
-}
-
-/// Waits until the agent has sent `n` more reports: whatever it applied before is in force.
-fn settle(http: SocketAddr, n: u64) {
-    let start = reports(http);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reports(http) < start + n {
-        assert!(Instant::now() < deadline, "the agent stopped reporting");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-fn wait_view(http: SocketAddr, what: &str, agent: &Proc, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = service_view(http);
-        if pred(&v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last: {v}\nagent log:\n{}",
-            agent.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Waits for the agent's log line saying it holds the service's connections.
 fn wait_holding(agent: &Proc) {
     let want = format!("service={SERVICE} ");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-        if log.lines().any(|l| {
-            l.contains("holding connections while the service has no ready replica") && l.contains(&want)
-        }) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent never held {SERVICE}:\n{}",
-            agent.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_for_log_line(&[
+        "holding connections while the service has no ready replica",
+        &want,
+    ]);
 }
 
 /// `GET /whoami` from the pod's namespace: the status and the client address the replica saw.
@@ -218,14 +162,13 @@ async fn a_pod_connecting_to_a_service_clusterip_at_zero_is_held_then_answered()
         json!({}),
     )
     .await;
+    let api = ScalerApi::new(env.scaler.http, SERVICE);
     wait_holding(&agent.proc);
-    settle(env.scaler.http, 2);
+    api.settle(2);
 
     // The pod connects to the ClusterIP while nothing serves it: held on the node.
     let held = whoami_from(&pod, service_address);
-    let v = wait_view(env.scaler.http, "the held connection", &agent.proc, |v| {
-        v["held_connections"] == 1
-    });
+    let v = api.wait("the held connection", &agent.proc, |v| v["held_connections"] == 1);
     assert_eq!(v["held_total"], 1, "{v}");
     // Which activates the target; the test starts the replica it asks for (the kubelet's part).
     env.wait_replicas("web", 1, Duration::from_secs(30)).await;
@@ -260,7 +203,7 @@ async fn a_pod_connecting_to_a_service_clusterip_at_zero_is_held_then_answered()
     assert_eq!(status, 200);
     // The agent's holder relayed it: the replica saw a connection from the node.
     assert!(peer.starts_with(&format!("{node_ip}:")), "{peer}");
-    let v = wait_view(env.scaler.http, "the hold over", &agent.proc, |v| {
+    let v = api.wait("the hold over", &agent.proc, |v| {
         v["held_connections"] == 0 && v["relayed_connections"] == 0
     });
     assert_eq!(v["held_total"], 1, "{v}");
@@ -268,7 +211,7 @@ async fn a_pod_connecting_to_a_service_clusterip_at_zero_is_held_then_answered()
 
     // Warm: the ClusterIP is the cluster's to route again. The replica sees the pod's own
     // address, and the agent holds nothing more.
-    settle(env.scaler.http, 2);
+    api.settle(2);
     let route = ServiceRoute::new(cluster_ip, 80, replica_address);
     let (status, peer) = whoami_from(&pod, service_address)
         .join()
@@ -281,7 +224,6 @@ async fn a_pod_connecting_to_a_service_clusterip_at_zero_is_held_then_answered()
         1,
         "the connection went through the cluster's routing"
     );
-    settle(env.scaler.http, 2);
-    let v = service_view(env.scaler.http);
+    let v = api.settle(2);
     assert_eq!(v["held_total"], 1, "{v}");
 }

@@ -16,7 +16,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use k8s_openapi::api::{
@@ -33,8 +33,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use surge_tests::{
     harness::{bin, free_port, require_root, scratch, wait_listening, Agent, Proc},
-    http_client::get_text,
-    kube_env::{quick_policy, Env, Flavor},
+    kube_env::{quick_policy, Env, Flavor, ScalerApi},
     load::{run, LoadSpec},
 };
 
@@ -196,59 +195,6 @@ fn usage_seconds(cgroup: &Path) -> f64 {
     usec as f64 / 1e6
 }
 
-/// The scaler's HTTP API.
-struct ScalerApi(SocketAddr);
-
-impl ScalerApi {
-    fn services(&self) -> Value {
-        let (status, body) = get_text(self.0, "/api/v1/services").expect("scaler API answers");
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str(&body).expect("JSON")
-    }
-
-    fn service(&self) -> Value {
-        let all = self.services();
-        all["services"]
-            .as_array()
-            .and_then(|s| s.iter().find(|v| v["name"] == SERVICE).cloned())
-            .unwrap_or(Value::Null)
-    }
-
-    fn reports(&self) -> u64 {
-        self.services()["nodes"]
-            .as_array()
-            .map(|n| n.iter().filter_map(|x| x["reports"].as_u64()).sum())
-            .unwrap_or(0)
-    }
-
-    /// Waits until the agent has sent `n` more reports: what it counted before is in.
-    fn settle(&self, n: u64) -> Value {
-        let start = self.reports();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.reports() < start + n {
-            assert!(Instant::now() < deadline, "the agent stopped reporting");
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        self.service()
-    }
-
-    fn wait(&self, what: &str, agent: &Proc, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let v = self.service();
-            if pred(&v) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; last: {v}\nagent log:\n{}",
-                agent.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 fn cpu(v: &Value) -> f64 {
     v["cpu_seconds_total"]
         .as_f64()
@@ -258,22 +204,7 @@ fn cpu(v: &Value) -> f64 {
 /// Waits for the agent's log line saying which pods of this node serve the service.
 fn wait_agent_pods(agent: &Proc, pods: &str) {
     let want = format!("service={SERVICE} pods={pods} ");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
-        if log
-            .lines()
-            .any(|l| l.contains("pods of the service on this node") && l.contains(&want))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent never logged {want}\nagent log:\n{}",
-            agent.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_for_log_line(&["pods of the service on this node", &want]);
 }
 
 /// Creates a pod bound to `node` (as the scheduler would) and writes its status (as the kubelet
@@ -409,7 +340,7 @@ async fn the_agent_measures_the_pods_of_its_node_found_through_the_api() {
             cgroups.0.display().to_string(),
         ],
     );
-    let api = ScalerApi(env.scaler.http);
+    let api = ScalerApi::new(env.scaler.http, SERVICE);
     tokio::task::block_in_place(|| {
         // Only the pod of node-a is the service's on this node.
         wait_agent_pods(&agent.proc, &format!("{{\"{ns}/web-a\"}}"));
