@@ -307,6 +307,29 @@ impl Balancer {
         Ok(())
     }
 
+    /// Stops sending connects to this agent's holders, which end with it: an address with no
+    /// ready backend is left alone from now on (a ClusterIP goes to kube-proxy again) until the
+    /// next agent holds it. Called as the agent exits; the maps and hooks stay pinned.
+    pub fn release_holders(&mut self) -> Result<(), KernelError> {
+        for (key, entry) in self.current.iter_mut() {
+            if entry.holder_port == 0 {
+                continue;
+            }
+            entry.holder_port = 0;
+            let b = Balanced {
+                service_id: entry.service_id,
+                count: entry.backends.len() as u32,
+                next: 0,
+                holder_port: 0,
+            };
+            self.addrs.insert(key, b, 0).map_err(|source| KernelError::Map {
+                name: "SERVICE_ADDRS",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// What the kernel maps hold now, for the scaler.
     pub fn read(&self) -> Result<Vec<WireBalancer>, KernelError> {
         let mut out = Vec::new();

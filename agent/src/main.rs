@@ -97,7 +97,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let instance = Instance::new(settings.node.clone(), rand::random());
         let link = tokio::spawn(link::run(
             settings,
-            node,
+            Arc::clone(&node),
             Arc::new(SystemClock),
             instance,
             stop_rx,
@@ -107,6 +107,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("stopping");
         let _ = stop_tx.send(true);
         let _ = link.await;
+        // The holders end with this process: connects to a service at zero must not go on
+        // reaching their ports while no agent runs.
+        if let Ok(mut node) = node.lock() {
+            match node.release_holders() {
+                Ok(()) => {
+                    tracing::info!("connects to services at zero are no longer sent to this agent's holders")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot release the holders in the pinned load balancer")
+                }
+            }
+        }
         Ok::<_, anyhow::Error>(())
     })
 }

@@ -97,6 +97,11 @@ impl Node {
         Ok(())
     }
 
+    /// No connect goes to this agent's holders any more (see `Balancer::release_holders`).
+    pub fn release_holders(&mut self) -> Result<(), NodeError> {
+        Ok(self.probe.balancer.release_holders()?)
+    }
+
     /// What the kernel's load balancer holds now.
     pub fn balancers(&self) -> Result<Vec<surge_proto::v1::Balancer>, NodeError> {
         Ok(self.probe.balancer.read()?)

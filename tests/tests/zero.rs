@@ -10,7 +10,7 @@ use std::{
 
 use surge_tests::{
     echo::{echo_client::EchoClient, EchoRequest},
-    harness::{free_port, require_root, scratch, Agent, LocalService, Scaler},
+    harness::{cleanup_pins, free_port, require_root, scratch, Agent, LocalService, Scaler},
     http_client::{get_text, Connection},
 };
 use tonic::transport::Endpoint;
@@ -340,4 +340,30 @@ fn clients_held_while_the_agent_stops_still_get_their_answer() {
     }
     let log = std::fs::read_to_string(&agent.proc.log).expect("the agent's log");
     assert!(log.contains("every held connection answered"), "{log}");
+}
+
+/// The pinned connect hooks outlive a stopped agent, its holders do not. While no agent runs, a
+/// connection to a service at zero goes to the service address itself (whatever serves it there:
+/// kube-proxy, for a Kubernetes ClusterIP), not to a holder port nobody listens on any more.
+#[test]
+fn a_stopped_agent_sends_no_connect_to_its_holders() {
+    require_root();
+    let name = "cold-released";
+    let dir = scratch("zero-released");
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address, "1s", &[]));
+    let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for(name, "the agent's first report at zero", |v| {
+        v["reported"] == true && v["replicas"]["current"] == 0
+    });
+    scaler.wait_reports(3);
+    let pin_dir = agent.pin_dir.clone();
+    agent.stop_keeping_pins(libc::SIGTERM);
+
+    let listener = std::net::TcpListener::bind(address).expect("bind the service address");
+    let c = std::net::TcpStream::connect(address).expect("a connection to the service address itself");
+    let (_, from) = listener.accept().expect("accept");
+    assert_eq!(from, c.local_addr().expect("local address"));
+    let (code, _, err) = cleanup_pins(&pin_dir);
+    assert_eq!(code, 0, "{err}");
 }
