@@ -72,7 +72,11 @@ impl Holders {
             match crate::holder::listen(SocketAddr::new(ip, port)) {
                 Ok(on_node) => return Ok((port, listener, Some(on_node))),
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // This host's own clients are still held.
+                    tracing::warn!(node_ip = %ip, port, error = %e, "no holder listener on the node address: other network namespaces' connections are not held");
+                    return Ok((port, listener, None));
+                }
             }
         }
         Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)))
