@@ -174,8 +174,14 @@ fn on_payload(
             Direction::Egress => close_requests(state, &seg.conn, starts, c),
         }
     }
-    if starts.cancel_count > 0 {
-        cancel_requests(state, &seg.conn, starts, c);
+    // Resets and probes come from clients: only the request side has them.
+    if matches!(dir, Direction::Ingress) {
+        if starts.cancel_count > 0 {
+            cancel_requests(state, &seg.conn, starts, c);
+        }
+        if starts.late_probes > 0 {
+            end_late_probes(state, starts.late_probes, c);
+        }
     }
     Ok(())
 }
@@ -231,8 +237,12 @@ fn frame(
     s.starts.probes = 0;
     s.starts.id_count = 0;
     s.starts.cancel_count = 0;
+    s.starts.probe_mask = 0;
+    s.starts.late_probes = 0;
+    s.starts.last_start = 0;
     s.starts.heads.bits = heads.bits;
     s.starts.heads.len = heads.len;
+    s.starts.heads.probes = heads.probes;
     s.side = slot;
     let mut l = FrameLoop {
         skb: ctx.skb.skb,
@@ -261,6 +271,7 @@ fn frame(
     s.framer.settle_heads(side, &mut s.starts.heads);
     heads.bits = s.starts.heads.bits;
     heads.len = s.starts.heads.len;
+    heads.probes = s.starts.heads.probes;
     // This CPU's slot for this direction: read by the caller before the program ends, and a
     // nested program uses the other slot.
     Some(&s.starts)
@@ -449,13 +460,18 @@ fn keep_start(state: &mut ConnState, conn: &ConnKey, id: u32, now: u64) {
 fn open_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut ServiceCounters) {
     let k = starts.messages;
     let now = now_ns();
+    let mut opened = 0u32;
     let mut i = 0;
     while i < STREAM_IDS as u32 {
         if i >= k {
             break;
         }
-        keep_start(state, conn, starts.stream_of(i), now);
-        state.open_requests += 1;
+        // A probe's request is counted (as a probe) but never open: it is not traffic.
+        if !is_probe(starts, i) {
+            keep_start(state, conn, starts.stream_of(i), now);
+            state.open_requests += 1;
+            opened += 1;
+        }
         i += 1;
     }
     if k > STREAM_IDS as u32 {
@@ -463,10 +479,55 @@ fn open_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut
             state.request_start_ns = now;
         }
         state.open_requests += k - STREAM_IDS as u32;
+        opened += k - STREAM_IDS as u32;
     }
     counters::add_u64(&mut c.requests, k as u64);
-    counters::add_i64(&mut c.inflight_sign_sum, k as i64);
-    counters::add_i64(&mut c.inflight_time_sum, now as i64 * k as i64);
+    counters::add_i64(&mut c.inflight_sign_sum, opened as i64);
+    counters::add_i64(&mut c.inflight_time_sum, now as i64 * opened as i64);
+}
+
+/// How many of a segment's final responses answer probes.
+#[inline(always)]
+fn probe_answers(starts: &Starts) -> u32 {
+    let m = starts.messages;
+    let mask = if m >= 32 { u32::MAX } else { (1u32 << m) - 1 };
+    (starts.probe_mask & mask).count_ones()
+}
+
+/// Whether the `i`th message of a segment is a probe's request, or a final response to one.
+#[inline(always)]
+fn is_probe(starts: &Starts, i: u32) -> bool {
+    i < 32 && starts.probe_mask & (1 << i) != 0
+}
+
+/// Requests opened in earlier segments that turned out to be probes (their `User-Agent` came
+/// later): the newest open ones. Each ends now, with no response and no latency.
+#[inline(always)]
+fn end_late_probes(state: &mut ConnState, n: u32, c: &mut ServiceCounters) {
+    let n = if n > state.open_requests {
+        state.open_requests
+    } else {
+        n
+    };
+    let mut i = 0;
+    while i < 4 {
+        if i >= n {
+            break;
+        }
+        // HTTP/1.1 keeps its starts in order: the newest is the last in the ring, unless it
+        // had no slot.
+        if state.stored > 0 && state.stored + state.spilled == state.open_requests {
+            state.stored -= 1;
+        }
+        state.open_requests -= 1;
+        i += 1;
+    }
+    let ended = i as i64;
+    if ended > 0 {
+        let now = now_ns() as i64;
+        counters::add_i64(&mut c.inflight_sign_sum, -ended);
+        counters::add_i64(&mut c.inflight_time_sum, -(now * ended));
+    }
 }
 
 /// [`Starts::stream_of`] for a loop round's index, bounded where the verifier sees it: the
@@ -502,7 +563,14 @@ fn close_at(l: &mut CloseLoop, i: u32) -> bool {
     // SAFETY: the pointers are the caller's connection state, key, starts and counters, valid
     // for as long as `l` is.
     let (state, conn, starts, c) = unsafe { (&mut *l.state, &*l.conn, &*l.starts, &mut *l.c) };
-    if i >= starts.messages || l.ended >= state.open_requests {
+    if i >= starts.messages {
+        return false;
+    }
+    if is_probe(starts, i) {
+        // A probe's answer ends no request (see `probe_answers`).
+        return true;
+    }
+    if l.ended >= state.open_requests {
         return false;
     }
     let id = stream_at(starts, i);
@@ -534,8 +602,8 @@ extern "C" fn close_one(i: u32, ctx: *mut c_void) -> i64 {
 /// its own stream's request where the stream id is known (HTTP/2 answers in any order), else
 /// the oldest open request (HTTP/1.1 answers in order). An HTTP/2 end whose stream is not open
 /// (it crossed the client's reset, which ended it already) ends nothing and is no response.
-/// Several ends go through a `bpf_loop`, whose round is verified once, however many ends a
-/// segment has.
+/// The ends go through a `bpf_loop`, whose round is verified once, however many ends a segment
+/// has.
 #[inline(always)]
 fn close_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut ServiceCounters) {
     let mut l = CloseLoop {
@@ -547,21 +615,21 @@ fn close_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mu
         ended: 0,
         unslotted: 0,
     };
-    if starts.messages == 1 {
-        // One end, as an HTTP/1.1 response segment mostly has: no loop.
-        close_at(&mut l, 0);
-    } else {
-        // SAFETY: the callback only uses `l`, which outlives the call.
-        unsafe {
-            bpf_loop(
-                STREAM_IDS as u32,
-                close_one as *mut c_void,
-                &mut l as *mut CloseLoop as *mut c_void,
-                0,
-            )
-        };
-    }
+    // SAFETY: the callback only uses `l`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            STREAM_IDS as u32,
+            close_one as *mut c_void,
+            &mut l as *mut CloseLoop as *mut c_void,
+            0,
+        )
+    };
     let (now, mut ended, mut unslotted) = (l.now, l.ended, l.unslotted);
+    let answers = probe_answers(starts);
+    if answers > 0 {
+        // Counted as responses, as their requests were as requests.
+        counters::add_u64(&mut c.responses, answers as u64);
+    }
     if starts.messages > STREAM_IDS as u32 && ended <= state.open_requests {
         // Ends past the ids kept: each ends an open request without a start of its own.
         let without = state.open_requests - ended;

@@ -11,7 +11,7 @@ use std::{
 use serde_json::Value;
 use surge_tests::{
     harness::{free_port, require_root, scratch, Agent, ReservedPort, Sample, Scaler},
-    http_client::Connection,
+    http_client::{get_text, Connection},
     load::{run, LoadSpec},
 };
 
@@ -187,16 +187,51 @@ fn health_probes_are_counted_apart_and_left_out_of_the_traffic() {
             .expect("probe");
         assert_eq!(c.read_response().expect("probe answered").status, 200);
     }
+    // A probe the server takes 1.5 s to answer is never in flight: the agent reports every
+    // 100 ms meanwhile.
+    let mut slow = Connection::open(rig.web.addr).expect("connect");
+    slow.send_raw(
+        b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n",
+    )
+    .expect("slow probe");
+    let during = std::time::Instant::now();
+    let mut seen = 0;
+    while during.elapsed() < Duration::from_millis(1200) {
+        let v = rig.scaler.service("web");
+        assert_eq!(v["in_flight"], 0, "a probe is not in flight: {v}");
+        seen += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(seen >= 5);
+    assert_eq!(slow.read_response().expect("slow probe answered").status, 200);
+    // A probe whose User-Agent comes in a later segment than its request line: in flight
+    // until then, and its answer ends no request.
+    let mut split = Connection::open(rig.web.addr).expect("connect");
+    split
+        .send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .expect("request line");
+    std::thread::sleep(Duration::from_millis(300));
+    split
+        .send_raw(b"User-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n")
+        .expect("the rest");
+    assert_eq!(split.read_response().expect("split probe answered").status, 200);
     drop(keep_alive);
     let v = rig.settled();
     assert_eq!(count(&v, "requests_total"), n as u64, "{v}");
     assert_eq!(count(&v, "responses_total"), n as u64, "{v}");
     assert_eq!(
         count(&v, "probe_requests_total"),
-        (kube_probes + surge_probes) as u64,
+        (kube_probes + surge_probes + 2) as u64,
         "{v}"
     );
     assert_eq!(v["in_flight"], 0, "{v}");
+    // Nor are probes in the latency histogram: only the requests are.
+    let (_, metrics) = get_text(rig.scaler.http, "/metrics").expect("/metrics");
+    let line = format!("surge_service_request_latency_seconds_count{{service=\"web\"}} {n}");
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "missing {line:?} in:\n{metrics}"
+    );
 }
 
 /// While nothing listens on a watched endpoint, a client may be given its port for a connection

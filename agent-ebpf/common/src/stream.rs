@@ -105,6 +105,15 @@ pub struct Starts {
     /// Which open requests are HEAD, oldest first; carried between segments and between the
     /// two directions by the caller (the kernel keeps it in the connection's state).
     pub heads: HeadQueue,
+    /// HTTP/1: bit `i` set when the `i`th message of the bytes fed is a probe's request (on the
+    /// request side) or a final response answering one (on the response side): neither opens
+    /// nor ends a request.
+    pub probe_mask: u32,
+    /// Requests that started before the bytes fed and turned out to be probes in them: the
+    /// newest open requests, which end now.
+    pub late_probes: u32,
+    /// 1 + the index of the last request started in the bytes fed (0: none).
+    pub last_start: u32,
 }
 
 /// How many HTTP/2 stream ids one segment's [`Starts`] keeps.
@@ -155,36 +164,56 @@ impl Starts {
 }
 
 /// A bit per open request, oldest first: 1 for a HEAD request, whose response has headers
-/// (a Content-Length, even) but never a body (RFC 9110 §9.3.2). The first 32 open requests are
-/// remembered; later ones count as not HEAD until older ones are answered.
+/// (a Content-Length, even) but never a body (RFC 9110 §9.3.2); and another for a health probe,
+/// whose answer ends no request (a probe is not traffic). The first 32 open requests are
+/// remembered; later ones count as neither until older ones are answered.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HeadQueue {
     pub bits: u32,
     /// Open requests, also those beyond the 32 bits.
     pub len: u32,
+    pub probes: u32,
+    pub _pad: u32,
 }
 
 impl HeadQueue {
     /// A request started.
     #[inline(always)]
     pub fn push(&mut self, head: bool) {
-        if head && self.len < 32 {
-            self.bits |= 1 << self.len;
+        if self.len < 32 {
+            let bit = 1u32 << self.len;
+            if head {
+                self.bits |= bit;
+            }
+            self.probes &= !bit;
         }
         self.len = self.len.saturating_add(1);
     }
 
-    /// A final response started: whether it answers a HEAD request.
+    /// The newest open request is a health probe. False when the queue cannot remember it
+    /// (no open request, or more than 32).
     #[inline(always)]
-    pub fn pop(&mut self) -> bool {
+    pub fn mark_probe(&mut self) -> bool {
+        // Without branches: the kernel's framing round is verified path by path.
+        let newest = self.len.wrapping_sub(1);
+        let known = (newest < 32) as u32;
+        self.probes |= known << (newest & 31);
+        known != 0
+    }
+
+    /// A final response started: whether it answers a HEAD request, and whether a probe.
+    #[inline(always)]
+    pub fn pop(&mut self) -> (bool, bool) {
         if self.len == 0 {
-            return false;
+            return (false, false);
         }
         let head = self.bits & 1 != 0;
+        let probe = self.probes & 1 != 0;
         self.bits >>= 1;
+        self.probes >>= 1;
         self.len -= 1;
-        head
+        (head, probe)
     }
 
     /// The request stream was lost: which requests are open is no longer known.
@@ -192,6 +221,7 @@ impl HeadQueue {
     pub fn clear(&mut self) {
         self.bits = 0;
         self.len = 0;
+        self.probes = 0;
     }
 }
 
@@ -498,6 +528,7 @@ impl Framer {
         match (side, kind) {
             (Side::Requests, SegmentStart::Request) => {
                 starts.messages += 1;
+                starts.last_start = starts.messages;
                 let h = &self.head;
                 starts
                     .heads
@@ -506,7 +537,9 @@ impl Framer {
             (Side::Responses, SegmentStart::FinalResponse) => {
                 starts.messages += 1;
                 self.flags = F_RESPONSE;
-                let to_head = starts.heads.pop();
+                let (to_head, to_probe) = starts.heads.pop();
+                let index = starts.messages.wrapping_sub(1);
+                starts.probe_mask |= ((to_probe as u32) & (index < 32) as u32) << (index & 31);
                 // 101 Switching Protocols: what follows is not HTTP/1.
                 if self.head[9] == b'1' {
                     self.flags |= F_TO_CLOSE;
@@ -846,6 +879,12 @@ impl Framer {
             self.phase = HDR_SKIP;
         } else if p + 1 == KUBE_PROBE.len() {
             starts.probes += 1;
+            // The newest request: started in these bytes, or before them (then it ends now).
+            let known = starts.heads.mark_probe() as u32;
+            let index = starts.last_start.wrapping_sub(1);
+            let here = known & (index < 32) as u32;
+            starts.probe_mask |= here << (index & 31);
+            starts.late_probes += known - here;
             self.phase = HDR_SKIP;
         }
     }

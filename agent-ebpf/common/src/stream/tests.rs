@@ -530,10 +530,90 @@ fn the_head_queue_keeps_order_beyond_its_32_bits() {
         q.push(i % 2 == 0);
     }
     // The first 32 are remembered; the 8 beyond count as not HEAD.
-    let popped: Vec<bool> = (0..40).map(|_| q.pop()).collect();
+    let popped: Vec<bool> = (0..40).map(|_| q.pop().0).collect();
     let expected: Vec<bool> = (0..40).map(|i| i < 32 && i % 2 == 0).collect();
     assert_eq!(popped, expected);
-    assert!(!q.pop(), "an empty queue says no");
+    assert_eq!(q.pop(), (false, false), "an empty queue says no");
+}
+
+#[test]
+fn the_head_queue_marks_the_newest_request_a_probe() {
+    let mut q = HeadQueue::default();
+    assert!(!q.mark_probe(), "no open request");
+    q.push(true);
+    q.push(false);
+    assert!(q.mark_probe());
+    q.push(false);
+    assert_eq!(q.pop(), (true, false));
+    assert_eq!(q.pop(), (false, true));
+    assert_eq!(q.pop(), (false, false));
+    // A slot reused after a pop starts with no probe bit.
+    q.push(false);
+    assert!(q.mark_probe());
+    assert_eq!(q.pop(), (false, true));
+    q.push(false);
+    assert_eq!(q.pop(), (false, false));
+}
+
+/// A probe's request opens no request and its answer ends none: the request side marks it in
+/// `probe_mask` (or, when it started in earlier bytes, in `late_probes`), and the response side
+/// marks the answer, in order, behind the requests before it.
+#[test]
+fn probes_are_marked_on_both_sides_in_order() {
+    let mut f = Framer::default();
+    let mut heads = HeadQueue::default();
+    let req = f.feed_carrying(
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nUser-Agent: kube-probe/1.31\r\n\r\nGET /b HTTP/1.1\r\n\r\n",
+        Side::Requests,
+        usize::MAX,
+        &mut heads,
+    );
+    assert_eq!(
+        (req.messages, req.probes, req.probe_mask, req.late_probes),
+        (3, 1, 0b010, 0)
+    );
+    let mut r = Framer::default();
+    let resp = r.feed_carrying(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\naHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb",
+        Side::Responses,
+        usize::MAX,
+        &mut heads,
+    );
+    assert_eq!((resp.messages, resp.probe_mask), (3, 0b010));
+
+    // The request line in one segment, the User-Agent in the next: the probe is late.
+    let mut f = Framer::default();
+    let mut heads = HeadQueue::default();
+    let first = f.feed_carrying(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+        Side::Requests,
+        usize::MAX,
+        &mut heads,
+    );
+    assert_eq!((first.messages, first.probe_mask), (1, 0));
+    let second = f.feed_carrying(
+        b"User-Agent: surge-probe\r\n\r\n",
+        Side::Requests,
+        usize::MAX,
+        &mut heads,
+    );
+    assert_eq!(
+        (
+            second.messages,
+            second.probes,
+            second.probe_mask,
+            second.late_probes
+        ),
+        (0, 1, 0, 1)
+    );
+    let mut r = Framer::default();
+    let resp = r.feed_carrying(
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        Side::Responses,
+        usize::MAX,
+        &mut heads,
+    );
+    assert_eq!((resp.messages, resp.probe_mask), (1, 0b1));
 }
 
 /// The byte-by-byte reference the kernel's rounds must equal: every byte through
