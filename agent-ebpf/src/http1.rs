@@ -602,8 +602,8 @@ extern "C" fn close_one(i: u32, ctx: *mut c_void) -> i64 {
 /// its own stream's request where the stream id is known (HTTP/2 answers in any order), else
 /// the oldest open request (HTTP/1.1 answers in order). An HTTP/2 end whose stream is not open
 /// (it crossed the client's reset, which ended it already) ends nothing and is no response.
-/// The ends go through a `bpf_loop`, whose round is verified once, however many ends a segment
-/// has.
+/// Several ends go through a `bpf_loop`, whose round is verified once, however many ends a
+/// segment has.
 #[inline(always)]
 fn close_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut ServiceCounters) {
     let mut l = CloseLoop {
@@ -615,15 +615,20 @@ fn close_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mu
         ended: 0,
         unslotted: 0,
     };
-    // SAFETY: the callback only uses `l`, which outlives the call.
-    unsafe {
-        bpf_loop(
-            STREAM_IDS as u32,
-            close_one as *mut c_void,
-            &mut l as *mut CloseLoop as *mut c_void,
-            0,
-        )
-    };
+    if starts.messages == 1 {
+        // One end, as an HTTP/1.1 response segment mostly has: no loop.
+        close_at(&mut l, 0);
+    } else {
+        // SAFETY: the callback only uses `l`, which outlives the call.
+        unsafe {
+            bpf_loop(
+                STREAM_IDS as u32,
+                close_one as *mut c_void,
+                &mut l as *mut CloseLoop as *mut c_void,
+                0,
+            )
+        };
+    }
     let (now, mut ended, mut unslotted) = (l.now, l.ended, l.unslotted);
     let answers = probe_answers(starts);
     if answers > 0 {
