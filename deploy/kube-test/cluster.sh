@@ -102,11 +102,19 @@ build() {
   log "built into $BIN"
 }
 
+# Sets PORT to a loopback port nobody holds, below the kernel's ephemeral range (so no connection can be given
+# it as its source port between this check and the bind), and not handed out before by this script.
+PICKED=" "
 free_port() {
-  local p
+  local low p
+  low=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
   while :; do
-    p=$((20000 + RANDOM % 30000))
-    ss -Htln "sport = :$p" 2>/dev/null | grep -q . || { printf '%s\n' "$p"; return; }
+    p=$((10000 + RANDOM % (low - 10000)))
+    case "$PICKED" in *" $p "*) continue ;; esac
+    ss -Htan "sport = :$p" 2>/dev/null | grep -q . && continue
+    PICKED+="$p "
+    PORT=$p
+    return
   done
 }
 
@@ -115,6 +123,51 @@ spawn() {
   local dir="$1" name="$2"; shift 2
   setsid "$@" </dev/null >"$dir/$name.log" 2>&1 &
   echo "$! $name" >>"$dir/pids"
+}
+
+# Starts etcd on the given ports with its data in DIR/etcd; fails, with its log, if it does not
+# answer /health within 20 s.
+start_etcd() {
+  local dir="$1" port="$2" peer="$3" pid i
+  rm -rf "$dir/etcd"
+  spawn "$dir" etcd etcd --name surge-test --data-dir "$dir/etcd" \
+    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+    --initial-cluster "surge-test=http://127.0.0.1:$peer"
+  pid=$(awk '$2 == "etcd" { p = $1 } END { print p }' "$dir/pids")
+  for i in $(seq 1 80); do
+    curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && return 0
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.25
+  done
+  log "etcd did not answer on 127.0.0.1:$port; the end of its log:"
+  tail -10 "$dir/etcd.log" >&2 || true
+  return 1
+}
+
+# Starts kube-apiserver on API_PORT against the etcd on ETCD_PORT; fails, with its log, if it
+# exits or does not answer /readyz within 60 s (a loaded 2-core machine can take that long).
+start_apiserver() {
+  local dir="$1" pki="$2" etcd_port="$3" api_port="$4" pid i
+  local runtime_config=()
+  [ "${SURGE_KUBE_ENDPOINTSLICE_V1:-0}" = 1 ] && runtime_config=(--runtime-config=discovery.k8s.io/v1beta1=false)
+  spawn "$dir" kube-apiserver "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" --insecure-port=0 \
+    --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
+    --client-ca-file="$pki/ca.crt" --token-auth-file="$pki/tokens.csv" --authorization-mode=RBAC \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
+    --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none "${runtime_config[@]}"
+  pid=$(awk '$2 == "kube-apiserver" { p = $1 } END { print p }' "$dir/pids")
+  for i in $(seq 1 240); do
+    curl -fsS --cacert "$pki/ca.crt" -H "Authorization: Bearer $(cut -d, -f1 "$pki/tokens.csv")" \
+      "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1 && { log "ready after $((i / 4)) s: https://127.0.0.1:$api_port"; return 0; }
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.25
+  done
+  log "kube-apiserver did not become ready on 127.0.0.1:$api_port; the end of its log:"
+  tail -20 "$dir/kube-apiserver.log" >&2 || true
+  return 1
 }
 
 start() {
@@ -139,21 +192,21 @@ start() {
   token=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
   printf '%s,admin,admin,system:masters\n' "$token" >"$pki/tokens.csv"
 
-  local runtime_config=()
-  [ "${SURGE_KUBE_ENDPOINTSLICE_V1:-0}" = 1 ] && runtime_config=(--runtime-config=discovery.k8s.io/v1beta1=false)
-  local etcd_port peer_port api_port
-  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
-  spawn "$dir" etcd etcd --name surge-test --data-dir "$dir/etcd" \
-    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-cluster "surge-test=http://127.0.0.1:$peer_port"
-  spawn "$dir" kube-apiserver "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" --insecure-port=0 \
-    --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
-    --client-ca-file="$pki/ca.crt" --token-auth-file="$pki/tokens.csv" --authorization-mode=RBAC \
-    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
-    --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none "${runtime_config[@]}"
+  # Stop with the process that asked for the cluster (a test binary), whatever way it ends.
+  if [ -n "${SURGE_KUBE_OWNER_PID:-}" ]; then
+    setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec "$2" stop "$3"' _ \
+      "$SURGE_KUBE_OWNER_PID" "$0" "$dir" </dev/null >/dev/null 2>&1 &
+  fi
+  # A port taken between the check and the bind makes etcd or the API server exit at once:
+  # then start again on other ports.
+  local attempt etcd_port peer_port api_port
+  for attempt in 1 2 3; do
+    free_port; etcd_port=$PORT; free_port; peer_port=$PORT; free_port; api_port=$PORT
+    start_etcd "$dir" "$etcd_port" "$peer_port" && start_apiserver "$dir" "$pki" "$etcd_port" "$api_port" && break
+    log "attempt $attempt: could not start on ports $etcd_port, $peer_port and $api_port"
+    [ "$attempt" = 3 ] && { stop "$dir"; die "etcd or kube-apiserver did not start (logs above)"; }
+    stop_processes "$dir"
+  done
   cat >"$dir/kubeconfig" <<KUBECONFIG
 apiVersion: v1
 kind: Config
@@ -171,27 +224,10 @@ contexts:
     context: {cluster: surge-test, user: admin}
 current-context: surge-test
 KUBECONFIG
-  # Stop with the process that asked for the cluster (a test binary), whatever way it ends.
-  if [ -n "${SURGE_KUBE_OWNER_PID:-}" ]; then
-    setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec "$2" stop "$3"' _ \
-      "$SURGE_KUBE_OWNER_PID" "$0" "$dir" </dev/null >/dev/null 2>&1 &
+  if [ "${SURGE_KUBE_ENDPOINTSLICE_V1:-0}" = 1 ]; then
+    endpointslice_v1 "https://127.0.0.1:$api_port" "$pki/ca.crt" "$token" || { stop "$dir"; die "EndpointSlice v1 stand-in failed"; }
   fi
-  local i
-  for i in $(seq 1 120); do
-    if curl -fsS --cacert "$pki/ca.crt" -H "Authorization: Bearer $token" \
-      "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then
-      log "ready after $((i / 4)) s: https://127.0.0.1:$api_port"
-      if [ "${SURGE_KUBE_ENDPOINTSLICE_V1:-0}" = 1 ]; then
-        endpointslice_v1 "https://127.0.0.1:$api_port" "$pki/ca.crt" "$token" || { stop "$dir"; die "EndpointSlice v1 stand-in failed"; }
-      fi
-      printf '%s\n' "$dir/kubeconfig"
-      return 0
-    fi
-    sleep 0.25
-  done
-  tail -20 "$dir/kube-apiserver.log" >&2 || true
-  stop "$dir"
-  die "kube-apiserver did not become ready in 30 s"
+  printf '%s\n' "$dir/kubeconfig"
 }
 
 # Serves discovery.k8s.io/v1 EndpointSlices on 1.20 (which has only v1beta1, turned off by the
@@ -215,15 +251,21 @@ endpointslice_v1() {
   return 1
 }
 
-stop() {
+# Stops what DIR/pids lists, newest first (the API server before etcd), and forgets it.
+stop_processes() {
   local dir="$1" pid name
-  [ -f "$dir/pids" ] || { rm -rf "$dir"; return 0; }
-  # Reverse order: the API server before etcd.
+  [ -f "$dir/pids" ] || return 0
   tac "$dir/pids" | while read -r pid name; do
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -9 "$pid" 2>/dev/null || true
   done
+  rm -f "$dir/pids"
+}
+
+stop() {
+  local dir="$1"
+  stop_processes "$dir"
   rm -rf "$dir"
 }
 
