@@ -256,6 +256,18 @@ impl Env {
             .expect("create SurgeScaler");
     }
 
+    /// The API server's own count of the requests it has served, from its `/metrics`
+    /// (`apiserver_request_total`), by verb, resource and subresource ("" for none).
+    pub async fn api_requests(&self) -> ApiRequests {
+        let request = http::Request::get("/metrics").body(Vec::new()).expect("request");
+        let text = self
+            .client
+            .request_text(request)
+            .await
+            .expect("the API server's /metrics");
+        ApiRequests::parse(&text)
+    }
+
     pub async fn status(&self, name: &str) -> Value {
         match self.scalers().get_opt(name).await {
             Ok(Some(o)) => o.data.get("status").cloned().unwrap_or(Value::Null),
@@ -365,6 +377,41 @@ impl Drop for Env {
         if std::env::var_os("SURGE_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// Requests an API server has served, by (verb, resource, subresource).
+#[derive(Debug, Default)]
+pub struct ApiRequests(std::collections::BTreeMap<(String, String, String), f64>);
+
+impl ApiRequests {
+    fn parse(metrics: &str) -> Self {
+        let mut counts = std::collections::BTreeMap::new();
+        for line in metrics.lines() {
+            let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                    .map(|v| v.trim_end_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            let key = (label("verb"), label("resource"), label("subresource"));
+            *counts.entry(key).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+        Self(counts)
+    }
+
+    /// Requests of `verb` on `resource`/`subresource` served since `before`.
+    pub fn since(&self, before: &ApiRequests, verb: &str, resource: &str, subresource: &str) -> u64 {
+        let key = (verb.to_string(), resource.to_string(), subresource.to_string());
+        let at = |r: &ApiRequests| r.0.get(&key).copied().unwrap_or(0.0);
+        (at(self) - at(before)).round() as u64
     }
 }
 

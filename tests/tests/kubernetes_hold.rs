@@ -195,12 +195,19 @@ async fn a_pod_connecting_to_a_service_clusterip_at_zero_is_held_then_answered()
         )
         .await
         .expect("write the Endpoints");
+    let written = std::time::Instant::now();
 
     let (status, peer) = held
         .join()
         .expect("client thread")
         .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", agent.proc.log_tail()));
     assert_eq!(status, 200);
+    // A figure, not a check (timing is for benchmarks): the scaler hears of the endpoint from
+    // its watch, not at its next tick.
+    eprintln!(
+        "Endpoints written → held client answered: {:?}",
+        written.elapsed()
+    );
     // The agent's holder relayed it: the replica saw a connection from the node.
     assert!(peer.starts_with(&format!("{node_ip}:")), "{peer}");
     let v = api.wait("the hold over", &agent.proc, |v| {

@@ -1,6 +1,7 @@
 //! The scaler against a real Kubernetes API server that serves discovery.k8s.io/v1 EndpointSlices
 //! (on 1.20 a CRD stands in for them; see `deploy/kube-test/cluster.sh`): ready replicas come from
-//! the slices, and endpoints whose `ready` condition is false do not count.
+//! the slices, and endpoints whose `ready` condition is false do not count. The scaler keeps the
+//! slices and Services from watches: its ticks read only `/scale`, as the API server counts.
 
 use std::{
     sync::{atomic::AtomicU64, Arc},
@@ -47,4 +48,33 @@ async fn ready_replicas_come_from_endpoint_slices() {
     .await
     .expect("a watch set with the slices' 4 endpoints")
     .expect("watch set");
+
+    // Every tick (200 ms) reads the Deployment's /scale; the slices and the Service come from
+    // watches, so no tick lists the one or gets the other (before the cache, each did both).
+    let before = env.api_requests().await;
+    let mut after = env.api_requests().await;
+    for _ in 0..100 {
+        if after.since(&before, "GET", "deployments", "scale") >= 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = env.api_requests().await;
+    }
+    let scale_reads = after.since(&before, "GET", "deployments", "scale");
+    assert!(scale_reads >= 10, "ticks read /scale {scale_reads} times in 20 s");
+    assert_eq!(
+        after.since(&before, "LIST", "endpointslices", ""),
+        0,
+        "EndpointSlices listed during {scale_reads} ticks"
+    );
+    assert_eq!(
+        after.since(&before, "GET", "services", ""),
+        0,
+        "Services read during {scale_reads} ticks"
+    );
+    assert_eq!(
+        after.since(&before, "WATCH", "endpointslices", ""),
+        0,
+        "the watch was not restarted"
+    );
 }

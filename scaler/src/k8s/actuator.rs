@@ -6,11 +6,11 @@
 //! the target is at zero (see [`Hold`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU8, Ordering},
-        RwLock,
+        Arc, RwLock,
     },
 };
 
@@ -25,6 +25,10 @@ use kube::{
 };
 use surge_policy::Replicas;
 
+use super::{
+    cache::{ClusterCache, SERVICE_NAME_LABEL},
+    endpoints::{self, Seen},
+};
 use crate::actuator::{Actuator, ActuatorError};
 
 /// Field manager of every write Surge makes.
@@ -100,6 +104,8 @@ const SLICES_NOT_SERVED: u8 = 2;
 
 pub struct KubeActuator {
     client: Client,
+    /// Services and endpoints as watched; read from the API until it is listed.
+    cache: Arc<ClusterCache>,
     /// Targets by the service key the control loop uses (`namespace/name`).
     targets: RwLock<HashMap<String, Target>>,
     /// Whether discovery.k8s.io/v1 EndpointSlices are served (learned on first use).
@@ -108,15 +114,6 @@ pub struct KubeActuator {
     watched: RwLock<BTreeMap<String, Watched>>,
     /// The last reason a Service could not be held, by service: logged when it changes.
     unheld: RwLock<BTreeMap<String, String>>,
-}
-
-/// What a Service's endpoints objects say.
-struct Seen {
-    ready: u32,
-    endpoints: Vec<SocketAddr>,
-    /// Ready endpoints by port name ("" for an unnamed port), as a Service port finds its
-    /// target port.
-    ready_by_port: BTreeMap<String, BTreeSet<SocketAddr>>,
 }
 
 /// Why a Service's connections cannot be held.
@@ -169,23 +166,11 @@ pub fn held_port(svc: &Service, wanted: Option<u16>) -> Result<(SocketAddr, Stri
     Ok((SocketAddr::new(ip, number), port.name.clone().unwrap_or_default()))
 }
 
-/// Every address × port pair that parses, sorted and without duplicates.
-fn pairs<'a>(addresses: impl Iterator<Item = &'a str>, ports: &[i32]) -> BTreeSet<SocketAddr> {
-    let ips: Vec<IpAddr> = addresses.filter_map(|a| a.parse().ok()).collect();
-    ips.iter()
-        .flat_map(|ip| {
-            ports
-                .iter()
-                .filter_map(|p| u16::try_from(*p).ok())
-                .map(move |p| SocketAddr::new(*ip, p))
-        })
-        .collect()
-}
-
 impl KubeActuator {
-    pub fn new(client: Client) -> Self {
+    pub fn new(client: Client, cache: Arc<ClusterCache>) -> Self {
         Self {
             client,
+            cache,
             targets: RwLock::new(HashMap::new()),
             slices: AtomicU8::new(SLICES_UNKNOWN),
             watched: RwLock::new(BTreeMap::new()),
@@ -249,45 +234,19 @@ impl KubeActuator {
             .map(|_| ())
     }
 
-    /// The target's Service's endpoints; `None` when the Service has no endpoints object.
+    /// The target's Service's endpoints; `None` when the Service has no endpoints object. From
+    /// the watch cache once it is listed, else read from the API.
     async fn seen(&self, t: &Target) -> Result<Option<Seen>, kube::Error> {
+        if let Some(cached) = self.cache.seen(&t.namespace, &t.service) {
+            return Ok(cached);
+        }
         if self.slices.load(Ordering::Relaxed) != SLICES_NOT_SERVED {
             let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &t.namespace);
-            let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={}", t.service));
+            let lp = ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={}", t.service));
             match api.list(&lp).await {
                 Ok(list) => {
                     self.slices.store(SLICES_V1, Ordering::Relaxed);
-                    if list.items.is_empty() {
-                        return Ok(None);
-                    }
-                    let mut ready = BTreeSet::new();
-                    let mut all = BTreeSet::new();
-                    let mut ready_by_port: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
-                    for slice in &list.items {
-                        let ports: Vec<i32> = slice.ports.iter().flatten().filter_map(|p| p.port).collect();
-                        for e in &slice.endpoints {
-                            all.extend(pairs(e.addresses.iter().map(String::as_str), &ports));
-                            // An endpoint without a ready condition is ready (the API's rule).
-                            if e.conditions.as_ref().and_then(|c| c.ready) != Some(false) {
-                                ready.insert(e.addresses.first().cloned().unwrap_or_default());
-                                for p in slice.ports.iter().flatten() {
-                                    let Some(port) = p.port else { continue };
-                                    ready_by_port
-                                        .entry(p.name.clone().unwrap_or_default())
-                                        .or_default()
-                                        .extend(pairs(
-                                            e.addresses.iter().take(1).map(String::as_str),
-                                            &[port],
-                                        ));
-                                }
-                            }
-                        }
-                    }
-                    return Ok(Some(Seen {
-                        ready: ready.len() as u32,
-                        endpoints: all.into_iter().collect(),
-                        ready_by_port,
-                    }));
+                    return Ok(endpoints::from_slices(&list.items));
                 }
                 Err(kube::Error::Api(s))
                     if s.is_not_found() && self.slices.load(Ordering::Relaxed) == SLICES_UNKNOWN =>
@@ -301,30 +260,11 @@ impl KubeActuator {
             }
         }
         let api: Api<Endpoints> = Api::namespaced(self.client.clone(), &t.namespace);
-        let Some(ep) = api.get_opt(&t.service).await? else {
-            return Ok(None);
-        };
-        let mut ready = 0;
-        let mut all = BTreeSet::new();
-        let mut ready_by_port: BTreeMap<String, BTreeSet<SocketAddr>> = BTreeMap::new();
-        for subset in ep.subsets.iter().flatten() {
-            let ports: Vec<i32> = subset.ports.iter().flatten().map(|p| p.port).collect();
-            let addresses = subset.addresses.iter().flatten();
-            ready += addresses.clone().count() as u32;
-            for p in subset.ports.iter().flatten() {
-                ready_by_port
-                    .entry(p.name.clone().unwrap_or_default())
-                    .or_default()
-                    .extend(pairs(addresses.clone().map(|a| a.ip.as_str()), &[p.port]));
-            }
-            let not_ready = subset.not_ready_addresses.iter().flatten();
-            all.extend(pairs(addresses.chain(not_ready).map(|a| a.ip.as_str()), &ports));
-        }
-        Ok(Some(Seen {
-            ready,
-            endpoints: all.into_iter().collect(),
-            ready_by_port,
-        }))
+        Ok(api
+            .get_opt(&t.service)
+            .await?
+            .as_ref()
+            .map(endpoints::from_endpoints))
     }
 
     /// Ready replicas: the Service's ready endpoints, else the target's status.readyReplicas,
@@ -332,16 +272,14 @@ impl KubeActuator {
     /// Records the Service's endpoints under `service`.
     pub async fn ready(&self, service: &str, t: &Target) -> Result<u32, kube::Error> {
         let seen = self.seen(t).await?;
-        let hold = self.hold(service, t, seen.as_ref()).await;
-        if let Ok(mut e) = self.watched.write() {
-            e.insert(
-                service.into(),
-                Watched {
-                    endpoints: seen.as_ref().map(|s| s.endpoints.clone()).unwrap_or_default(),
-                    hold,
-                },
-            );
-        }
+        let found = match self.cache.service(&t.namespace, &t.service) {
+            Some(cached) => Ok(cached),
+            None => {
+                let api: Api<Service> = Api::namespaced(self.client.clone(), &t.namespace);
+                api.get_opt(&t.service).await.map(|s| s.map(Arc::new))
+            }
+        };
+        self.record(service, t, found, seen.as_ref());
         if let Some(s) = seen {
             return Ok(s.ready);
         }
@@ -352,14 +290,59 @@ impl KubeActuator {
         let scale = self.api(t).get_scale(&t.name).await?;
         Ok(scale.status.map_or(0, |s| s.replicas.max(0) as u32))
     }
-}
 
-impl KubeActuator {
+    /// Records what the agents should know of every target's Service from the watch cache,
+    /// without an API request; does nothing until the cache is listed.
+    pub fn refresh_from_cache(&self) {
+        if !self.cache.synced() {
+            return;
+        }
+        let targets: Vec<(String, Target)> = match self.targets.read() {
+            Ok(t) => t.iter().map(|(s, t)| (s.clone(), t.clone())).collect(),
+            Err(_) => return,
+        };
+        for (service, t) in targets {
+            let (Some(seen), Some(found)) = (
+                self.cache.seen(&t.namespace, &t.service),
+                self.cache.service(&t.namespace, &t.service),
+            ) else {
+                continue;
+            };
+            self.record(&service, &t, Ok(found), seen.as_ref());
+        }
+    }
+
+    /// Records the endpoints of `service` and how its connections are held, from its Service
+    /// (`found`) and endpoints (`seen`).
+    fn record(
+        &self,
+        service: &str,
+        t: &Target,
+        found: Result<Option<Arc<Service>>, kube::Error>,
+        seen: Option<&Seen>,
+    ) {
+        let hold = self.hold(service, t, found, seen);
+        if let Ok(mut e) = self.watched.write() {
+            e.insert(
+                service.into(),
+                Watched {
+                    endpoints: seen.map(|s| s.endpoints.clone()).unwrap_or_default(),
+                    hold,
+                },
+            );
+        }
+    }
+
     /// The target's Service's ClusterIP and port, and the ready endpoints on its target port;
     /// `None`, logged once per reason, where it cannot be held.
-    async fn hold(&self, service: &str, t: &Target, seen: Option<&Seen>) -> Option<Hold> {
-        let api: Api<Service> = Api::namespaced(self.client.clone(), &t.namespace);
-        let found = match api.get_opt(&t.service).await {
+    fn hold(
+        &self,
+        service: &str,
+        t: &Target,
+        found: Result<Option<Arc<Service>>, kube::Error>,
+        seen: Option<&Seen>,
+    ) -> Option<Hold> {
+        let found = match found {
             Ok(Some(svc)) => held_port(&svc, t.service_port).map_err(|e| e.to_string()),
             Ok(None) => Err(format!("Service {:?} not found", t.service)),
             Err(e) => Err(format!("cannot read Service {:?}: {e}", t.service)),
@@ -457,23 +440,5 @@ mod tests {
             .map_err(|e| e.to_string()),
             Err("Service \"web\" has no TCP port".into())
         );
-    }
-
-    #[test]
-    fn endpoints_are_every_address_and_port() {
-        let got = pairs(
-            ["10.0.0.2", "fd00::1", "not-an-ip"].into_iter(),
-            &[8080, 70000, 9090],
-        );
-        let want: BTreeSet<SocketAddr> = [
-            "10.0.0.2:8080",
-            "10.0.0.2:9090",
-            "[fd00::1]:8080",
-            "[fd00::1]:9090",
-        ]
-        .iter()
-        .map(|s| s.parse().expect("literal"))
-        .collect();
-        assert_eq!(got, want);
     }
 }

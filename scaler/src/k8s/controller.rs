@@ -28,6 +28,7 @@ use tokio::sync::{watch, Mutex};
 
 use super::{
     actuator::{resolve, KubeActuator, Target, Watched, MANAGER},
+    cache::ClusterCache,
     conditions::{self, rfc3339, ACTIVE, CONFLICT, FALLBACK, PAUSED, READY},
     crd::{LastDecision, ScaleTargetRef, SurgeScaler, SurgeScalerStatus, FINALIZER},
     policy::policy_of,
@@ -113,9 +114,10 @@ fn now() -> String {
 
 /// Runs the reconciler and the control loop until `stop` turns true.
 pub async fn run(client: Client, shared: Arc<Shared>, options: Options, stop: watch::Receiver<bool>) {
+    let cache = ClusterCache::start(client.clone(), options.namespace.as_deref(), stop.clone());
     let ctx = Arc::new(Ctx {
         base: shared.catalog.specs(),
-        actuator: Arc::new(KubeActuator::new(client.clone())),
+        actuator: Arc::new(KubeActuator::new(client.clone(), Arc::clone(&cache))),
         client: client.clone(),
         shared,
         options,
@@ -155,7 +157,7 @@ pub async fn run(client: Client, shared: Arc<Shared>, options: Options, stop: wa
                 tracing::debug!(error = %e, "reconcile");
             }
         });
-    let control = control_loop(Arc::clone(&ctx), stop);
+    let control = control_loop(Arc::clone(&ctx), cache.changes(), stop);
     tokio::join!(reconciler, control);
 }
 
@@ -401,22 +403,28 @@ fn timestamp(ctx: &Ctx) -> Timestamp {
     Timestamp::from_millis(ctx.shared.clock.now().as_millis() as u64)
 }
 
-async fn control_loop(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
+/// Every tick, evaluates each admitted resource; between ticks, as soon as a watched Service or
+/// its endpoints change, tells the agents (a first ready endpoint ends holding).
+async fn control_loop(ctx: Arc<Ctx>, mut changes: watch::Receiver<u64>, mut stop: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(ctx.options.tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut watched = BTreeMap::new();
     loop {
-        tokio::select! {
-            _ = interval.tick() => {}
+        let ticked = tokio::select! {
+            _ = interval.tick() => true,
+            Ok(()) = changes.changed() => false,
             _ = stop.wait_for(|s| *s) => return,
-        }
-        let mut entries = ctx.entries.lock().await;
-        for e in entries.values_mut().filter(|e| e.admitted) {
-            if let Err(err) = tick(&ctx, e).await {
-                tracing::warn!(scaler = %e.name, namespace = %e.namespace, error = %err, "status write failed");
+        };
+        if ticked {
+            let mut entries = ctx.entries.lock().await;
+            for e in entries.values_mut().filter(|e| e.admitted) {
+                if let Err(err) = tick(&ctx, e).await {
+                    tracing::warn!(scaler = %e.name, namespace = %e.namespace, error = %err, "status write failed");
+                }
             }
+        } else {
+            ctx.actuator.refresh_from_cache();
         }
-        drop(entries);
         let now_watched = ctx.actuator.watched();
         if now_watched != watched {
             publish_watch_set(&ctx, &watched, &now_watched);

@@ -2,9 +2,11 @@
 //! `/scale`, and the reconciler that turns the resources into scaled targets.
 
 pub mod actuator;
+pub mod cache;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod endpoints;
 pub mod policy;
 
 pub use actuator::KubeActuator;
