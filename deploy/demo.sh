@@ -40,6 +40,7 @@ trap cleanup EXIT
   --http-listen "$API" --grpc-listen "$GRPC" --tick 500ms >"$LOGS/scaler.log" 2>&1 & scaler=$!
 sleep 0.5
 "$BIN/surge-agent" --scaler "http://$GRPC" --report-interval 200ms >"$LOGS/agent.log" 2>&1 & agent=$!
+echo "watch it in a browser: http://$API/"
 
 # One JSON read of the scaler's API per call, printed as "desired ready|line".
 status() {

@@ -18,6 +18,8 @@ APT_PACKAGES=(
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   protobuf-compiler pkg-config build-essential
   iproute2 curl wrk haproxy prometheus
+  # A real browser for the scaler's web page test.
+  chromium
   # kube-proxy's part (a Service's ClusterIP routed to its endpoints) in the Kubernetes hold test.
   nftables
   # A real Kubernetes API server for the tests, built from Debian's source (deploy/kube-test/cluster.sh).

@@ -38,7 +38,7 @@ pub struct Args {
     /// Where agents connect (gRPC) [default: 0.0.0.0:50051].
     #[arg(long, env = "SURGE_GRPC_LISTEN")]
     pub grpc_listen: Option<SocketAddr>,
-    /// HTTP: /healthz, /metrics, /api/v1/services [default: 0.0.0.0:8080].
+    /// HTTP: the web page at /, /healthz, /metrics, /api/v1/services [default: 0.0.0.0:8080].
     #[arg(long, env = "SURGE_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
     /// The policy directory: one YAML file per policy, reloaded on change.

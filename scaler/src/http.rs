@@ -1,4 +1,4 @@
-//! The scaler's HTTP side: /healthz, /metrics, /api/v1/services[/NAME].
+//! The scaler's HTTP side: the web page at /, /healthz, /metrics, /api/v1/services[/NAME].
 
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use axum::{
 };
 use prometheus_client::registry::Registry;
 
-use crate::{metrics, state::Shared, view::snapshot};
+use crate::{metrics, page, state::Shared, view::snapshot};
 
 #[derive(Clone)]
 struct AppState {
@@ -22,6 +22,7 @@ struct AppState {
 pub fn router(shared: Arc<Shared>) -> Router {
     let registry = Arc::new(metrics::registry(Arc::clone(&shared)));
     Router::new()
+        .route("/", get(page::index))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(prometheus))
         .route("/api/v1/services", get(services))

@@ -15,6 +15,7 @@ pub mod latency;
 pub mod local;
 pub mod metrics;
 pub mod observations;
+pub mod page;
 pub mod policies;
 pub mod sources;
 pub mod state;

@@ -1,5 +1,6 @@
 //! Support for Surge's end-to-end tests: starting the real programs, a raw HTTP client, load.
 
+pub mod browser;
 pub mod harness;
 pub mod http_client;
 pub mod kernel_cost;
