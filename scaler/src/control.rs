@@ -40,6 +40,19 @@ pub struct ControlStatus {
     pub source_errors: Vec<String>,
 }
 
+impl ControlStatus {
+    /// Records a decision: newest first in the kept history, and counted by its mode.
+    pub fn record(&mut self, decision: Decision) {
+        let mode = serde_json::to_value(decision.mode)
+            .ok()
+            .and_then(|m| m.as_str().map(str::to_string))
+            .unwrap_or_default();
+        *self.decisions_by_mode.entry(mode).or_default() += 1;
+        self.decisions.push_front(decision);
+        self.decisions.truncate(HISTORY);
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct ReplicaCounts {
     pub desired: u32,
@@ -251,13 +264,7 @@ impl Controller {
                     ready: replicas.ready,
                 });
                 s.error = error;
-                let mode = serde_json::to_value(decision.mode)
-                    .ok()
-                    .and_then(|m| m.as_str().map(str::to_string))
-                    .unwrap_or_default();
-                *s.decisions_by_mode.entry(mode).or_default() += 1;
-                s.decisions.push_front(decision);
-                s.decisions.truncate(HISTORY);
+                s.record(decision);
             });
         }
     }

@@ -1,7 +1,8 @@
 //! The scaler against a real Kubernetes API server that serves discovery.k8s.io/v1 EndpointSlices
 //! (on 1.20 a CRD stands in for them; see `deploy/kube-test/cluster.sh`): ready replicas come from
 //! the slices, and endpoints whose `ready` condition is false do not count. The scaler keeps the
-//! slices and Services from watches: its ticks read only `/scale`, as the API server counts.
+//! target's replica count, the slices and the Service from watches: its ticks read none of them
+//! from the API, as the API server counts.
 
 use std::{
     sync::{atomic::AtomicU64, Arc},
@@ -9,14 +10,14 @@ use std::{
 };
 
 use serde_json::json;
-use surge_tests::kube_env::{condition_is, fake_agent, quick_policy, Env, Flavor};
+use surge_tests::kube_env::{condition_is, fake_agent, quick_policy, Env, Flavor, ScalerApi};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_replicas_come_from_endpoint_slices() {
     let env = Env::new("surge-slices", Flavor::EndpointSliceV1).await;
     env.create_deployment("web", 1).await;
     // The Service is named apart from the Deployment: spec.service picks it.
-    let _slices = env.fake_endpoint_slices("web", "web-svc");
+    let slices_writer = env.fake_endpoint_slices("web", "web-svc");
     let rps = Arc::new(AtomicU64::new(30));
     let agent = fake_agent(&env.scaler.grpc, "surge-slices/web-svc", Arc::clone(&rps));
     env.create_scaler(
@@ -49,32 +50,43 @@ async fn ready_replicas_come_from_endpoint_slices() {
     .expect("a watch set with the slices' 4 endpoints")
     .expect("watch set");
 
-    // Every tick (200 ms) reads the Deployment's /scale; the slices and the Service come from
-    // watches, so no tick lists the one or gets the other (before the cache, each did both).
+    // The target's replicas, its Service's slices and the Service come from watches: the
+    // decisions (one a second, pollingInterval 1) read none of them from the API (before the
+    // watches, each tick got /scale, listed the slices and got the Service).
+    // The stand-in for the kubelet reads /scale too: it stops first (the slices stay), and its
+    // last request is given time to be counted before the count starts.
+    slices_writer.abort();
+    let _ = slices_writer.await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let api = ScalerApi::new(env.scaler.http, "surge-slices/web-svc");
+    let decisions = |v: &serde_json::Value| -> u64 {
+        v["decisions_by_mode"]
+            .as_object()
+            .map(|m| m.values().filter_map(|n| n.as_u64()).sum())
+            .unwrap_or(0)
+    };
     let before = env.api_requests().await;
-    let mut after = env.api_requests().await;
-    for _ in 0..100 {
-        if after.since(&before, "GET", "deployments", "scale") >= 10 {
+    let first = decisions(&api.service());
+    let mut taken = 0;
+    for _ in 0..200 {
+        taken = decisions(&api.service()) - first;
+        if taken >= 5 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        after = env.api_requests().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let scale_reads = after.since(&before, "GET", "deployments", "scale");
-    assert!(scale_reads >= 10, "ticks read /scale {scale_reads} times in 20 s");
-    assert_eq!(
-        after.since(&before, "LIST", "endpointslices", ""),
-        0,
-        "EndpointSlices listed during {scale_reads} ticks"
-    );
-    assert_eq!(
-        after.since(&before, "GET", "services", ""),
-        0,
-        "Services read during {scale_reads} ticks"
-    );
-    assert_eq!(
-        after.since(&before, "WATCH", "endpointslices", ""),
-        0,
-        "the watch was not restarted"
-    );
+    assert!(taken >= 5, "{taken} decisions in 20 s");
+    let after = env.api_requests().await;
+    for (verb, resource, subresource) in [
+        ("GET", "deployments", "scale"),
+        ("LIST", "endpointslices", ""),
+        ("GET", "services", ""),
+        ("WATCH", "endpointslices", ""),
+    ] {
+        assert_eq!(
+            after.since(&before, verb, resource, subresource),
+            0,
+            "{verb} {resource}/{subresource} during {taken} decisions"
+        );
+    }
 }

@@ -212,8 +212,12 @@ impl KubeActuator {
         Api::namespaced_with(self.client.clone(), &t.namespace, &t.resource)
     }
 
-    /// Replicas asked for now (`/scale` spec.replicas).
+    /// Replicas asked for now (`/scale` spec.replicas): from the watch cache for the kinds where
+    /// that is the object's `spec.replicas`, else read from the API.
     pub async fn current(&self, t: &Target) -> Result<u32, kube::Error> {
+        if let Some(Some(n)) = self.cache.target_replicas(&t.namespace, &t.name, &t.resource) {
+            return Ok(n);
+        }
         let scale = self.api(t).get_scale(&t.name).await?;
         Ok(scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32)
     }

@@ -1,6 +1,6 @@
-//! The cluster's Services and their endpoints objects, kept current by watches (one list, then
-//! changes) instead of read for every SurgeScaler on every tick: that was three API requests per
-//! SurgeScaler per second. Every change bumps a generation that the control loop waits on, so
+//! The cluster's Services, their endpoints objects and the scale targets' replica counts, kept
+//! current by watches (one list, then changes) instead of read for every SurgeScaler on every
+//! tick: that was three API requests per SurgeScaler per second. Every change bumps a generation that the control loop waits on, so
 //! the agents hear of a Service's first ready endpoint (and stop holding its connections) as soon
 //! as the API server has it, not at the next tick.
 //!
@@ -11,7 +11,7 @@ use std::{
     fmt::Debug,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
     },
 };
 
@@ -21,6 +21,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
+    api::{ApiResource, DynamicObject},
     runtime::{watcher, WatchStreamExt},
     Api, Client, Resource, ResourceExt,
 };
@@ -158,33 +159,39 @@ fn labelled(slice: &EndpointSlice) -> Option<ServiceKey> {
     Some((slice.namespace().unwrap_or_default(), service.clone()))
 }
 
-/// The watched Services and endpoints objects.
+type Shared<K> = Arc<RwLock<Table<K>>>;
+
+/// The watched Services, endpoints objects and scale targets.
 pub struct ClusterCache {
-    services: RwLock<Table<Service>>,
-    slices: RwLock<Table<EndpointSlice>>,
-    endpoints: RwLock<Table<Endpoints>>,
+    client: Client,
+    namespace: Option<String>,
+    stop: watch::Receiver<bool>,
+    services: Shared<Service>,
+    slices: Shared<EndpointSlice>,
+    endpoints: Shared<Endpoints>,
     /// discovery.k8s.io/v1 is not served: endpoints come from core/v1 Endpoints.
     slices_not_served: AtomicBool,
+    /// The objects of each target kind whose `/scale` is its `spec.replicas`, by plural (each
+    /// object trimmed to that field), watched from the first time a target of the kind is read.
+    targets: Mutex<HashMap<String, Shared<DynamicObject>>>,
     generation: watch::Sender<u64>,
-}
-
-impl Default for ClusterCache {
-    fn default() -> Self {
-        Self {
-            services: RwLock::new(Table::new(named)),
-            slices: RwLock::new(Table::new(labelled)),
-            endpoints: RwLock::new(Table::new(named)),
-            slices_not_served: AtomicBool::new(false),
-            generation: watch::Sender::new(0),
-        }
-    }
 }
 
 impl ClusterCache {
     /// Starts watching Services and EndpointSlices (core/v1 Endpoints where EndpointSlices are
     /// not served) in `namespace` (`None`: all), until `stop` turns true.
     pub fn start(client: Client, namespace: Option<&str>, stop: watch::Receiver<bool>) -> Arc<Self> {
-        let cache = Arc::new(Self::default());
+        let cache = Arc::new(Self {
+            client: client.clone(),
+            namespace: namespace.map(str::to_string),
+            stop: stop.clone(),
+            services: Arc::new(RwLock::new(Table::new(named))),
+            slices: Arc::new(RwLock::new(Table::new(labelled))),
+            endpoints: Arc::new(RwLock::new(Table::new(named))),
+            slices_not_served: AtomicBool::new(false),
+            targets: Mutex::new(HashMap::new()),
+            generation: watch::Sender::new(0),
+        });
         fn api<K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>>(
             client: &Client,
             namespace: Option<&str>,
@@ -198,7 +205,8 @@ impl ClusterCache {
             Arc::clone(&cache),
             api::<Service>(&client, namespace),
             watcher::Config::default(),
-            |c| &c.services,
+            Arc::clone(&cache.services),
+            trim_managed_fields,
             stop.clone(),
         );
         tokio::spawn(async move {
@@ -211,7 +219,16 @@ impl ClusterCache {
         let c = Arc::clone(&cache);
         tokio::spawn(async move {
             let slices = watcher::Config::default().labels(SERVICE_NAME_LABEL);
-            if follow(Arc::clone(&c), slices_api, slices, |c| &c.slices, stop.clone()).await
+            let table = Arc::clone(&c.slices);
+            if follow(
+                Arc::clone(&c),
+                slices_api,
+                slices,
+                table,
+                trim_managed_fields,
+                stop.clone(),
+            )
+            .await
                 == Followed::NotServed
             {
                 tracing::info!(
@@ -222,7 +239,8 @@ impl ClusterCache {
                     Arc::clone(&c),
                     endpoints_api,
                     watcher::Config::default(),
-                    |c| &c.endpoints,
+                    Arc::clone(&c.endpoints),
+                    trim_managed_fields,
                     stop,
                 )
                 .await;
@@ -257,6 +275,59 @@ impl ClusterCache {
         Some(endpoints::from_slices(group.iter().map(|s| &**s)))
     }
 
+    /// The replicas a scale target asks for (its `/scale` `spec.replicas`), from a watch of its
+    /// kind, started on the first call for a kind: `Some(None)` when it is not there; `None`
+    /// until the kind is listed, or for kinds whose `/scale` is not their `spec.replicas`.
+    pub fn target_replicas(
+        self: &Arc<Self>,
+        namespace: &str,
+        name: &str,
+        resource: &ApiResource,
+    ) -> Option<Option<u32>> {
+        if !scale_is_spec_replicas(resource) {
+            return None;
+        }
+        let table = {
+            let mut targets = self.targets.lock().ok()?;
+            match targets.get(&resource.plural) {
+                Some(t) => Arc::clone(t),
+                None => {
+                    let table = Arc::new(RwLock::new(Table::new(named)));
+                    targets.insert(resource.plural.clone(), Arc::clone(&table));
+                    self.watch_targets(resource, Arc::clone(&table));
+                    return None;
+                }
+            }
+        };
+        let table = table.read().ok()?;
+        let group = table.group(&(namespace.into(), name.into()))?;
+        Some(group.first().map(|obj| {
+            let n = obj.data.pointer("/spec/replicas").and_then(|v| v.as_i64());
+            // The API server defaults a missing spec.replicas to 1.
+            n.unwrap_or(1).clamp(0, i64::from(u32::MAX)) as u32
+        }))
+    }
+
+    fn watch_targets(self: &Arc<Self>, resource: &ApiResource, table: Shared<DynamicObject>) {
+        let api: Api<DynamicObject> = match &self.namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, resource),
+            None => Api::all_with(self.client.clone(), resource),
+        };
+        tracing::info!(kind = %resource.kind, "watching scale targets of this kind");
+        let (cache, stop) = (Arc::clone(self), self.stop.clone());
+        tokio::spawn(async move {
+            follow(
+                cache,
+                api,
+                watcher::Config::default(),
+                table,
+                keep_spec_replicas,
+                stop,
+            )
+            .await;
+        });
+    }
+
     /// Whether both Services and endpoints are listed.
     pub fn synced(&self) -> bool {
         let endpoints = if self.slices_not_served.load(Ordering::Relaxed) {
@@ -268,6 +339,30 @@ impl ClusterCache {
     }
 }
 
+/// Nothing here reads managed fields: keeping them would double the memory.
+fn trim_managed_fields<K: Resource>(obj: &mut K) {
+    obj.managed_fields_mut().clear();
+}
+
+/// Of a scale target, only `spec.replicas` is read: the rest (a pod template, a status) is not
+/// kept.
+fn keep_spec_replicas(obj: &mut DynamicObject) {
+    let replicas = obj.data.pointer("/spec/replicas").cloned();
+    obj.data = serde_json::json!({ "spec": { "replicas": replicas } });
+    obj.metadata.managed_fields = None;
+    obj.metadata.annotations = None;
+    obj.metadata.labels = None;
+}
+
+/// The kinds whose `/scale` `spec.replicas` is the object's own `spec.replicas`.
+fn scale_is_spec_replicas(resource: &ApiResource) -> bool {
+    resource.group == "apps"
+        && matches!(
+            resource.plural.as_str(),
+            "deployments" | "statefulsets" | "replicasets"
+        )
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Followed {
     Stopped,
@@ -275,24 +370,21 @@ enum Followed {
     NotServed,
 }
 
-/// Applies the watch events of `api` to the table `table` picks, until `stop` turns true.
-/// Errors are retried with backoff, and logged when they change.
+/// Applies the watch events of `api`, each object trimmed by `trim`, to `table`, until `stop`
+/// turns true. Errors are retried with backoff, and logged when they change.
 async fn follow<K>(
     cache: Arc<ClusterCache>,
     api: Api<K>,
     config: watcher::Config,
-    table: fn(&ClusterCache) -> &RwLock<Table<K>>,
+    table: Shared<K>,
+    trim: fn(&mut K),
     mut stop: watch::Receiver<bool>,
 ) -> Followed
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let kind = K::kind(&());
-    let mut events = watcher(api, config)
-        // Nothing here reads managed fields: keeping them would double the memory.
-        .modify(|obj: &mut K| obj.managed_fields_mut().clear())
-        .default_backoff()
-        .boxed();
+    let kind = std::any::type_name::<K>().rsplit("::").next().unwrap_or_default();
+    let mut events = watcher(api, config).modify(trim).default_backoff().boxed();
     let mut last_error = None;
     loop {
         let event = tokio::select! {
@@ -303,13 +395,13 @@ where
             None => return Followed::Stopped,
             Some(Ok(event)) => {
                 last_error = None;
-                let changed = table(&cache).write().map(|mut t| t.apply(event)).unwrap_or(false);
+                let changed = table.write().map(|mut t| t.apply(event)).unwrap_or(false);
                 if changed {
                     cache.generation.send_modify(|g| *g += 1);
                 }
             }
             Some(Err(watcher::Error::InitialListFailed(kube::Error::Api(s))))
-                if s.is_not_found() && !table(&cache).read().map(|t| t.synced()).unwrap_or(true) =>
+                if s.is_not_found() && !table.read().map(|t| t.synced()).unwrap_or(true) =>
             {
                 return Followed::NotServed;
             }
@@ -378,6 +470,38 @@ mod tests {
         assert_eq!(names(&t, "api"), Some(vec!["web-b".into()]));
         assert!(t.apply(Event::Delete(slice("web-a", Some("web"), "10.1.0.3"))));
         assert_eq!(names(&t, "web"), Some(vec![]));
+    }
+
+    #[test]
+    fn of_a_scale_target_only_spec_replicas_is_kept() {
+        let mut d: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {"replicas": 4, "template": {"spec": {"containers": [{"name": "web"}]}}},
+            "status": {"readyReplicas": 2},
+        }))
+        .expect("deployment");
+        keep_spec_replicas(&mut d);
+        assert_eq!(d.data, serde_json::json!({"spec": {"replicas": 4}}));
+        assert_eq!(d.metadata.labels, None);
+        let mut t = Table::new(named);
+        t.apply(Event::Init);
+        t.apply(Event::InitApply(d));
+        t.apply(Event::InitDone);
+        assert_eq!(t.group(&("shop".into(), "web".into())).map(|g| g.len()), Some(1));
+        let apps = |plural: &str| ApiResource {
+            group: "apps".into(),
+            version: "v1".into(),
+            api_version: "apps/v1".into(),
+            kind: String::new(),
+            plural: plural.into(),
+        };
+        assert!(scale_is_spec_replicas(&apps("deployments")));
+        assert!(scale_is_spec_replicas(&apps("statefulsets")));
+        assert!(!scale_is_spec_replicas(&ApiResource {
+            group: "argoproj.io".into(),
+            ..apps("rollouts")
+        }));
     }
 
     #[test]

@@ -573,8 +573,7 @@ async fn tick(ctx: &Ctx, e: &mut Entry) -> Result<(), kube::Error> {
                 ready: replicas.ready,
             });
             s.error = None;
-            s.decisions.push_front(decision);
-            s.decisions.truncate(crate::control::HISTORY);
+            s.record(decision);
         });
     }
     publish(&ctx.client, e).await
