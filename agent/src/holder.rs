@@ -3,7 +3,8 @@
 //! port per held service). The holder accepts them and reports the demand at once. It buffers
 //! what clients send (bounded: a full buffer stops reading, so the client is slowed down and no
 //! byte is dropped). As soon as a replica is ready, it connects there, writes the buffer and
-//! relays both ways. After the hold timeout an HTTP/1 or HTTP/2 (gRPC too) client gets `503`
+//! relays both ways ([`relay`]), until an HTTP/1 connection can leave the path ([`exit`]) or the
+//! connection ends. After the hold timeout an HTTP/1 or HTTP/2 (gRPC too) client gets `503`
 //! with `Retry-After`, and any other client is closed.
 
 use std::{
@@ -22,7 +23,9 @@ use tokio::{
     time::Instant,
 };
 
+pub mod exit;
 pub mod refusal;
+mod relay;
 pub mod waits;
 pub use waits::WaitHistogram;
 
@@ -87,6 +90,9 @@ pub struct HoldStats {
     /// How long every held connection waited (accept to forward, timeout or end), recorded
     /// once per connection before `held_now` drops.
     pub waits: WaitHistogram,
+    /// Relayed HTTP/1 connections closed after the response that answered everything their
+    /// client had sent (see [`exit`]): their next requests go straight to a replica.
+    pub left_path_total: AtomicU64,
 }
 
 /// Why a held connection ended without being relayed.
@@ -233,16 +239,18 @@ async fn hold(
     let forwarded = forward(&mut client, accepted, backends, config, stats, next).await;
     stats.waits.record(accepted.elapsed());
     stats.held_now.fetch_sub(1, Ordering::Release);
-    let mut upstream = forwarded?;
+    let (upstream, sent) = forwarded?;
     stats.relaying_now.fetch_add(1, Ordering::Relaxed);
-    let relayed = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let relayed = relay::relay(client, upstream, &sent).await;
     stats.relaying_now.fetch_sub(1, Ordering::Relaxed);
-    relayed?;
+    if relayed? == relay::Ended::LeftThePath {
+        stats.left_path_total.fetch_add(1, Ordering::Relaxed);
+    }
     Ok(())
 }
 
 /// Buffers what the client sends until a replica is ready, connects there and writes the
-/// buffer; after the timeout, answers the client and gives up.
+/// buffer (returned with the connection); after the timeout, answers the client and gives up.
 async fn forward(
     client: &mut TcpStream,
     started: Instant,
@@ -250,7 +258,7 @@ async fn forward(
     config: HoldConfig,
     stats: &HoldStats,
     next: &AtomicUsize,
-) -> Result<TcpStream, HoldError> {
+) -> Result<(TcpStream, Vec<u8>), HoldError> {
     let deadline = started + config.timeout;
     // Reads go straight into the buffer, which grows as bytes come (most requests fit in its
     // first 4 KiB): a held connection costs what its client sent, not a fixed scratch area.
@@ -299,7 +307,7 @@ async fn forward(
     if client_done {
         upstream.shutdown().await?;
     }
-    Ok(upstream)
+    Ok((upstream, buffer))
 }
 
 /// Reads what the client sent, at most `room` bytes, onto the end of `buffer`.

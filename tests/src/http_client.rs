@@ -15,11 +15,23 @@ pub enum HttpError {
     Malformed(String),
 }
 
-/// A response: status and body.
+/// A response: status, headers and body.
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
+    /// Header names and values, in order, as sent.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The value of the first header named `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// One connection that sends requests one after another and reads each response.
@@ -110,6 +122,7 @@ impl Connection {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| HttpError::Malformed(format!("status line {line:?}")))?;
         let mut length = None;
+        let mut headers = Vec::new();
         loop {
             line.clear();
             if self.reader.read_line(&mut line)? == 0 {
@@ -123,18 +136,24 @@ impl Connection {
                 if k.eq_ignore_ascii_case("content-length") {
                     length = v.trim().parse::<usize>().ok();
                 }
+                headers.push((k.to_string(), v.trim().to_string()));
             }
         }
         if head {
             return Ok(Response {
                 status,
+                headers,
                 body: Vec::new(),
             });
         }
         let len = length.ok_or_else(|| HttpError::Malformed("no Content-Length".into()))?;
         let mut body = vec![0; len];
         self.reader.read_exact(&mut body)?;
-        Ok(Response { status, body })
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
     }
 }
 

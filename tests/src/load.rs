@@ -99,7 +99,11 @@ fn worker(spec: &LoadSpec, next: &AtomicUsize, body: &[u8], stop: &AtomicBool) -
             };
             let mut c = c;
             let r = c.request(&spec.method, &spec.path, body, !spec.keep_alive)?;
-            if spec.keep_alive {
+            // As HTTP clients do, a connection the server closes is not used again.
+            let closing = r
+                .header("connection")
+                .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")));
+            if spec.keep_alive && !closing {
                 conn = Some(c);
             }
             Ok::<_, crate::http_client::HttpError>(r)

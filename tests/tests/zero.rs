@@ -81,20 +81,39 @@ fn two_hundred_cold_clients_all_get_their_answer_and_warm_traffic_goes_direct() 
         v["reported"] == true && v["replicas"]["current"] == 0
     });
 
-    // 200 clients at once: half send two requests over one connection, half one request each.
+    // 200 clients at once: half keep-alive clients that send a second request, half one request
+    // each that ask to close. The answer to a held keep-alive request says `Connection: close`,
+    // so the second request goes on a new connection, straight to the replica, which sees the
+    // client itself: the held connection has left the agent's path.
     let started = Instant::now();
     let clients: Vec<_> = (0..200)
         .map(|i| {
             std::thread::spawn(move || -> Result<Vec<u16>, String> {
+                let keep_alive = i % 2 == 0;
                 let mut c = Connection::open(address).map_err(|e| e.to_string())?;
-                let rounds = if i % 2 == 0 { 2 } else { 1 };
-                (0..rounds)
-                    .map(|r| {
-                        c.request("GET", "/", &[], r == rounds - 1 && i % 2 == 1)
-                            .map(|resp| resp.status)
-                            .map_err(|e| e.to_string())
-                    })
-                    .collect()
+                let first = c
+                    .request("GET", "/", &[], !keep_alive)
+                    .map_err(|e| e.to_string())?;
+                if !keep_alive {
+                    return Ok(vec![first.status]);
+                }
+                if first.header("connection") != Some("close") {
+                    return Err(format!(
+                        "a held keep-alive answer without Connection: close: {first:?}"
+                    ));
+                }
+                let mut c = Connection::open(address).map_err(|e| e.to_string())?;
+                let me = c.local_addr().map_err(|e| e.to_string())?;
+                let second = c
+                    .request("GET", "/whoami", &[], true)
+                    .map_err(|e| e.to_string())?;
+                let seen = String::from_utf8_lossy(&second.body).trim().to_string();
+                if seen != me.to_string() {
+                    return Err(format!(
+                        "the second request was relayed: the replica saw {seen}, not {me}"
+                    ));
+                }
+                Ok(vec![first.status, second.status])
             })
         })
         .collect();

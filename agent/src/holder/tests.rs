@@ -267,3 +267,62 @@ async fn the_gauge_counts_a_connection_from_accept_to_the_end_of_its_relay() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A keep-alive HTTP/1.1 replica: answers each `GET` request with `200` and a 5-byte body, and
+/// keeps the connection open for more.
+async fn http_replica() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_keep_alive_client_is_told_to_reconnect_and_its_connection_leaves_the_path() {
+    let (addr, backends, stats, _) = holder(HoldConfig::default()).await;
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send");
+    backends.send(vec![http_replica().await]).expect("backends");
+    // The whole answer, then the end of the connection: the client's next request will open a
+    // new one, which the connect hook sends straight to a replica.
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).await.expect("read to the end");
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    );
+    // As a client told `Connection: close` does, it closes its end too.
+    drop(client);
+    for _ in 0..300 {
+        if stats.left_path_total.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stats.left_path_total.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
+}
