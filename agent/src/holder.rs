@@ -3,7 +3,7 @@
 //! port per held service). The holder accepts them and reports the demand at once. It buffers
 //! what clients send (bounded: a full buffer stops reading, so the client is slowed down and no
 //! byte is dropped). As soon as a replica is ready, it connects there, writes the buffer and
-//! relays both ways ([`relay`]), until an HTTP/1 connection can leave the path ([`exit`]) or the
+//! relays both ways (`relay`), until an HTTP/1 connection can leave the path ([`exit`]) or the
 //! connection ends. After the hold timeout an HTTP/1 or HTTP/2 (gRPC too) client gets `503`
 //! with `Retry-After`, and any other client is closed.
 
