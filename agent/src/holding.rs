@@ -42,6 +42,8 @@ pub struct Holders {
     in_hand: Arc<AtomicUsize>,
     /// Where pods reach the holders (`--node-ip`): each also listens there, on its own port.
     node_ip: Option<IpAddr>,
+    /// Ready backends not yet handed to their holders: see [`Holders::hand_over`].
+    pending: Vec<(String, Vec<SocketAddr>)>,
 }
 
 /// Tries for a loopback port that is free on the node address too.
@@ -54,6 +56,7 @@ impl Holders {
             demand: Arc::new(Notify::new()),
             by_service: HashMap::new(),
             steering,
+            pending: Vec::new(),
             in_hand: Arc::default(),
             node_ip,
         }
@@ -94,6 +97,7 @@ impl Holders {
 
     /// Starts, updates and stops holders for `set`; returns each balanced service's holder port.
     pub async fn sync(&mut self, set: &WatchSet) -> HashMap<String, u16> {
+        self.pending.clear();
         let mut ports = HashMap::new();
         let mut keep = Vec::new();
         for s in set.services.iter().filter(|s| s.service_address.is_some()) {
@@ -145,11 +149,18 @@ impl Holders {
                 }
             }
             if let Some(h) = self.by_service.get(&s.name) {
-                h.backends.send_if_modified(|current| {
-                    let changed = *current != backends;
-                    *current = backends.clone();
-                    changed
-                });
+                // A service losing its backends stops forwarding now; one gaining them is told
+                // after the kernel map sends new connects to them (`hand_over`), so that a held
+                // client that gets its answer and reconnects is not held again.
+                if backends.is_empty() {
+                    h.backends.send_if_modified(|current| {
+                        let changed = !current.is_empty();
+                        current.clear();
+                        changed
+                    });
+                } else {
+                    self.pending.push((s.name.clone(), backends.clone()));
+                }
                 ports.insert(s.name.clone(), h.port);
                 keep.push(s.name.clone());
             }
@@ -176,6 +187,20 @@ impl Holders {
             kept
         });
         ports
+    }
+
+    /// Gives the holders the ready backends of the last [`Holders::sync`]; called once the
+    /// kernel map has them (or has refused the set: held clients are still best forwarded).
+    pub fn hand_over(&mut self) {
+        for (name, backends) in self.pending.drain(..) {
+            if let Some(h) = self.by_service.get(&name) {
+                h.backends.send_if_modified(|current| {
+                    let changed = *current != backends;
+                    *current = backends;
+                    changed
+                });
+            }
+        }
     }
 
     /// Adds each service's holding figures to its wire counters.

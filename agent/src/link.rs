@@ -152,8 +152,9 @@ impl Watching {
                 .map_err(|e| e.to_string())
         })
         .await
-        .map_err(|e| LinkError::Read(e.to_string()))?;
-        match applied {
+        .map_err(|e| LinkError::Read(e.to_string()));
+        holders.hand_over();
+        match applied? {
             Ok(()) => tracing::debug!(generation, "applied watch set"),
             Err(e) => tracing::error!(generation, error = %e, "rejected watch set; keeping the previous one"),
         }

@@ -13,7 +13,7 @@ use tokio::{
 
 use super::exit::Exit;
 
-const BUFFER: usize = 16 * 1024;
+const BUFFER: usize = 8 * 1024;
 /// How long a connection leaving the path waits for its client to close.
 const LINGER: Duration = Duration::from_secs(5);
 
