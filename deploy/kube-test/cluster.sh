@@ -128,27 +128,19 @@ spawn() {
 # Starts etcd on the given ports with its data in DIR/etcd; fails, with its log, if it does not
 # answer /health within 20 s.
 start_etcd() {
-  local dir="$1" port="$2" peer="$3" pid i
+  local dir="$1" port="$2" peer="$3"
   rm -rf "$dir/etcd"
   spawn "$dir" etcd etcd --name surge-test --data-dir "$dir/etcd" \
     --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
     --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
     --initial-cluster "surge-test=http://127.0.0.1:$peer"
-  pid=$(awk '$2 == "etcd" { p = $1 } END { print p }' "$dir/pids")
-  for i in $(seq 1 80); do
-    curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && return 0
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.25
-  done
-  log "etcd did not answer on 127.0.0.1:$port; the end of its log:"
-  tail -10 "$dir/etcd.log" >&2 || true
-  return 1
+  wait_answering "$dir" etcd 20 curl -fsS "http://127.0.0.1:$port/health"
 }
 
 # Starts kube-apiserver on API_PORT against the etcd on ETCD_PORT; fails, with its log, if it
 # exits or does not answer /readyz within 60 s (a loaded 2-core machine can take that long).
 start_apiserver() {
-  local dir="$1" pki="$2" etcd_port="$3" api_port="$4" pid i
+  local dir="$1" pki="$2" etcd_port="$3" api_port="$4"
   local runtime_config=()
   [ "${SURGE_KUBE_ENDPOINTSLICE_V1:-0}" = 1 ] && runtime_config=(--runtime-config=discovery.k8s.io/v1beta1=false)
   spawn "$dir" kube-apiserver "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
@@ -158,15 +150,23 @@ start_apiserver() {
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
     --service-cluster-ip-range=10.0.0.0/24 --endpoint-reconciler-type=none "${runtime_config[@]}"
-  pid=$(awk '$2 == "kube-apiserver" { p = $1 } END { print p }' "$dir/pids")
-  for i in $(seq 1 240); do
-    curl -fsS --cacert "$pki/ca.crt" -H "Authorization: Bearer $(cut -d, -f1 "$pki/tokens.csv")" \
-      "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1 && { log "ready after $((i / 4)) s: https://127.0.0.1:$api_port"; return 0; }
+  wait_answering "$dir" kube-apiserver 60 curl -fsS --cacert "$pki/ca.crt" \
+    -H "Authorization: Bearer $(cut -d, -f1 "$pki/tokens.csv")" "https://127.0.0.1:$api_port/readyz"
+}
+
+# Runs CHECK... every 0.25 s until it succeeds (0), the process NAME started in DIR exits, or
+# SECONDS pass (1, with the end of NAME's log).
+wait_answering() {
+  local dir="$1" name="$2" seconds="$3" pid i
+  shift 3
+  pid=$(awk -v n="$name" '$2 == n { p = $1 } END { print p }' "$dir/pids")
+  for i in $(seq 1 $((seconds * 4))); do
+    "$@" >/dev/null 2>&1 && { log "$name answered after $((i / 4)) s"; return 0; }
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.25
   done
-  log "kube-apiserver did not become ready on 127.0.0.1:$api_port; the end of its log:"
-  tail -20 "$dir/kube-apiserver.log" >&2 || true
+  log "$name did not answer (${*: -1}); the end of its log:"
+  tail -20 "$dir/$name.log" >&2 || true
   return 1
 }
 

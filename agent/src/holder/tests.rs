@@ -8,18 +8,26 @@ use tokio::{
 
 use super::*;
 
-/// A replica that answers every request line-by-line: it echoes everything it reads, prefixed
-/// once with the peer address it saw.
+/// A replica that echoes everything it reads.
 async fn echo_replica() -> SocketAddr {
+    replica(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
+}
+
+/// A replica on a loopback port that serves each connection it accepts with `serve`.
+async fn replica<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(serve(s));
         }
     });
     addr
@@ -271,31 +279,24 @@ async fn the_gauge_counts_a_connection_from_accept_to_the_end_of_its_relay() {
 /// A keep-alive HTTP/1.1 replica: answers each `GET` request with `200` and a 5-byte body, and
 /// keeps the connection open for more.
 async fn http_replica() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        seen.drain(..end + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
+    replica(|mut s| async move {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                seen.drain(..end + 4);
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+                if s.write_all(answer).await.is_err() {
+                    return;
                 }
-            });
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test]
