@@ -86,8 +86,7 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, sent: &[u8]) 
             }
         }
     };
-    let (requests, left) = tokio::join!(requests, responses);
-    let left = left?;
-    requests?;
+    // An error on either side ends both, as a reset connection leaves nothing to relay.
+    let ((), left) = tokio::try_join!(requests, responses)?;
     Ok(if left { Ended::LeftThePath } else { Ended::Closed })
 }

@@ -327,3 +327,35 @@ async fn a_keep_alive_client_is_told_to_reconnect_and_its_connection_leaves_the_
     assert_eq!(stats.left_path_total.load(Ordering::Relaxed), 1);
     assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test]
+async fn a_replica_that_resets_ends_the_relay_and_the_client_is_not_left_waiting() {
+    let (addr, backends, stats, _) = holder(HoldConfig::default()).await;
+    let resetting = replica(|mut s| async move {
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        // Closing with a zero linger sends a reset instead of an answer.
+        let _ = s.set_zero_linger();
+    })
+    .await;
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send");
+    backends.send(vec![resetting]).expect("backends");
+    let mut answer = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer)).await;
+    assert!(
+        ended.is_ok(),
+        "the client still waits 10 s after the replica reset"
+    );
+    assert!(answer.is_empty(), "{answer:?}");
+    for _ in 0..300 {
+        if stats.relaying_now.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
+}
