@@ -214,6 +214,7 @@ impl Holders {
                 c.held_total = s.held_total.load(Ordering::Relaxed);
                 c.hold_timeouts = s.timeouts_total.load(Ordering::Relaxed);
                 c.held_forwarded = s.forwarded_total.load(Ordering::Relaxed);
+                c.held_left_path = s.left_path_total.load(Ordering::Relaxed);
                 c.held_seconds_sum = s.held_micros_sum.load(Ordering::Relaxed) as f64 / 1e6;
                 (c.hold_duration_buckets, c.hold_duration_seconds_sum) = s.waits.snapshot();
             }

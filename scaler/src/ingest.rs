@@ -151,6 +151,8 @@ struct Sample {
     /// Held connections ever, and those that timed out, by this agent instance.
     held_total: u64,
     hold_timeouts: u64,
+    /// Held connections that left the path (told to reconnect), by this agent instance.
+    held_left_path: u64,
     /// Memory in use by the service's cgroups at the sample (a gauge).
     memory_bytes: u64,
 }
@@ -207,6 +209,9 @@ pub struct ServiceFigures {
     /// Held connections ever and hold timeouts, by the agents' current instances.
     pub held_total: u64,
     pub hold_timeouts: u64,
+    /// Held HTTP/1 connections closed after their last answer, which told the client to
+    /// reconnect straight to a replica, by the agents' current instances.
+    pub held_left_path: u64,
     /// Time-weighted average of in-flight requests over the last interval, summed over nodes.
     pub concurrency: f64,
     pub rx_bytes_total: u64,
@@ -313,6 +318,7 @@ impl Ingest {
                 relayed_now: c.relayed_now,
                 held_total: c.held_total,
                 hold_timeouts: c.hold_timeouts,
+                held_left_path: c.held_left_path,
                 memory_bytes: c.memory_bytes,
             };
             let by_node = self.series.entry(c.service.clone()).or_default();
@@ -368,6 +374,7 @@ impl Ingest {
                     .is_some_and(|n| n.connected && n.instance == s.instance);
             f.held_total += s.last.held_total;
             f.hold_timeouts += s.last.hold_timeouts;
+            f.held_left_path += s.last.held_left_path;
             if !fresh {
                 continue;
             }

@@ -258,6 +258,15 @@ impl Collector for ServiceCollector {
         )?;
         family(
             &mut enc,
+            "surge_service_held_left_path",
+            "Held HTTP/1 connections closed after the answer to their last request, which told the \
+             client to reconnect straight to a replica, by the agents' current instances.",
+            MetricType::Counter,
+            all.iter()
+                .map(|v| (svc(&v.name), ConstCounter::new(v.figures.held_left_path))),
+        )?;
+        family(
+            &mut enc,
             "surge_service_hold_duration_seconds",
             "How long held connections waited for a ready replica: from the agent's accept until \
              handed to a replica, timed out, or ended.",

@@ -127,6 +127,7 @@ fn replicas_decisions_and_held_connections_are_exposed() {
     r.services[0].probe_requests = 4;
     r.services[0].held_total = 9;
     r.services[0].hold_timeouts = 1;
+    r.services[0].held_left_path = 6;
     s.ingest().connected("n1", 1, Duration::from_secs(1));
     s.ingest().record("n1", 1, &r, Duration::from_secs(1));
     s.control.update("web", |c| {
@@ -145,6 +146,7 @@ fn replicas_decisions_and_held_connections_are_exposed() {
         "surge_service_probe_requests_total{service=\"web\"} 4",
         "surge_service_held_connections_seen_total{service=\"web\"} 9",
         "surge_service_hold_timeouts_total{service=\"web\"} 1",
+        "surge_service_held_left_path_total{service=\"web\"} 6",
         "surge_service_replicas{service=\"web\",state=\"desired\"} 4",
         "surge_service_replicas{service=\"web\",state=\"current\"} 2",
         "surge_service_replicas{service=\"web\",state=\"ready\"} 1",
