@@ -3,8 +3,8 @@
 //! port per held service). The holder accepts them and reports the demand at once. It buffers
 //! what clients send (bounded: a full buffer stops reading, so the client is slowed down and no
 //! byte is dropped). As soon as a replica is ready, it connects there, writes the buffer and
-//! relays both ways (`relay`), until an HTTP/1 connection can leave the path ([`exit`]) or the
-//! connection ends. After the hold timeout an HTTP/1 or HTTP/2 (gRPC too) client gets `503`
+//! relays both ways (`relay`), until the connection can leave the path ([`exit`]: HTTP/1 and
+//! HTTP/2) or ends. After the hold timeout an HTTP/1 or HTTP/2 (gRPC too) client gets `503`
 //! with `Retry-After`, and any other client is closed.
 
 use std::{
@@ -90,8 +90,8 @@ pub struct HoldStats {
     /// How long every held connection waited (accept to forward, timeout or end), recorded
     /// once per connection before `held_now` drops.
     pub waits: WaitHistogram,
-    /// Relayed HTTP/1 connections closed after the response that answered everything their
-    /// client had sent (see [`exit`]): their next requests go straight to a replica.
+    /// Relayed connections whose client was told to reconnect, and that ended (see [`exit`]):
+    /// their next requests go straight to a replica.
     pub left_path_total: AtomicU64,
 }
 

@@ -209,8 +209,9 @@ pub struct ServiceFigures {
     /// Held connections ever and hold timeouts, by the agents' current instances.
     pub held_total: u64,
     pub hold_timeouts: u64,
-    /// Held HTTP/1 connections closed after their last answer, which told the client to
-    /// reconnect straight to a replica, by the agents' current instances.
+    /// Held connections that left the path after their answers (HTTP/1 `Connection: close`,
+    /// HTTP/2 `GOAWAY`): their clients reconnect straight to a replica. By the agents' current
+    /// instances.
     pub held_left_path: u64,
     /// Time-weighted average of in-flight requests over the last interval, summed over nodes.
     pub concurrency: f64,

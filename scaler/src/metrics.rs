@@ -259,8 +259,9 @@ impl Collector for ServiceCollector {
         family(
             &mut enc,
             "surge_service_held_left_path",
-            "Held HTTP/1 connections closed after the answer to their last request, which told the \
-             client to reconnect straight to a replica, by the agents' current instances.",
+            "Held connections that left the path after their answers (HTTP/1: Connection: close; \
+             HTTP/2: a graceful GOAWAY): their clients reconnect straight to a replica. By the \
+             agents' current instances.",
             MetricType::Counter,
             all.iter()
                 .map(|v| (svc(&v.name), ConstCounter::new(v.figures.held_left_path))),

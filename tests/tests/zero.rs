@@ -235,7 +235,7 @@ fn two_hundred_cold_grpc_calls_all_get_their_own_answer() {
     // 150 h2c connections made while the service is at zero; then 200 unary calls at once:
     // 100 connections carry one call, 50 carry two multiplexed streams. tonic never retries.
     let rt = runtime();
-    let outcomes = rt.block_on(async move {
+    let (channels, outcomes) = rt.block_on(async move {
         let mut channels = Vec::new();
         for _ in 0..150 {
             let endpoint = Endpoint::from_shared(format!("http://{address}")).expect("endpoint");
@@ -264,7 +264,7 @@ fn two_hundred_cold_grpc_calls_all_get_their_own_answer() {
         for c in calls {
             outcomes.push(c.await.expect("call task"));
         }
-        outcomes
+        (channels, outcomes)
     });
     let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
     assert!(
@@ -279,6 +279,52 @@ fn two_hundred_cold_grpc_calls_all_get_their_own_answer() {
     assert_eq!(held, 150);
     let v = scaler.service(name);
     assert_eq!(v["hold_timeouts"], 0, "{v}");
+
+    // Once their calls were answered, the clients were told to go away (a graceful GOAWAY),
+    // and every relayed connection closed.
+    scaler.wait_for(name, "every held connection out of the path", |v| {
+        v["held_left_path"] == 150 && v["relayed_connections"] == 0
+    });
+    // Each channel's next call opens a new connection, which the connect hook sends straight
+    // to the replica: no call fails, and none is held.
+    let again = rt.block_on(async move {
+        let calls: Vec<_> = channels
+            .into_iter()
+            .enumerate()
+            .map(|(i, channel)| {
+                let id = 1_000 + i as u64;
+                let mut client = EchoClient::new(channel);
+                tokio::spawn(async move {
+                    let reply = client
+                        .echo(EchoRequest {
+                            id,
+                            payload: payload(id),
+                        })
+                        .await
+                        .map_err(|status| format!("call {id}: {status}"))?
+                        .into_inner();
+                    if reply.id != id {
+                        return Err(format!("call {id} got the answer of call {}", reply.id));
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for c in calls {
+            outcomes.push(c.await.expect("call task"));
+        }
+        outcomes
+    });
+    let failed: Vec<&String> = again.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 150 later calls failed: {failed:?}",
+        failed.len()
+    );
+    let v = scaler.wait_for(name, "the later calls counted", |v| v["requests_total"] == 350);
+    assert_eq!(v["held_total"], 150, "{v}");
+    assert_eq!(v["relayed_connections"], 0, "{v}");
 }
 
 #[test]

@@ -1,14 +1,16 @@
 //! Relays a held connection and its replica connection both ways until both ends are done, and
 //! ends it early where [`Exit`] says the connection may leave the holder's path. Each direction
 //! has its own loop (a slow reader on one side never stalls the other), and their only shared
-//! state is the `Exit`, locked for no longer than it takes to frame the bytes of one read.
+//! state is the `Exit`, locked for no longer than it takes to frame the bytes of one read. When
+//! what the client sent calls for frames to the client (HTTP/2: the answer to its `PING`), the
+//! client's loop wakes the server's.
 
 use std::{borrow::Cow, sync::Mutex, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::watch,
+    sync::{watch, Notify},
 };
 
 use super::exit::Exit;
@@ -22,8 +24,8 @@ const LINGER: Duration = Duration::from_secs(5);
 pub enum Ended {
     /// Both ends closed.
     Closed,
-    /// The client was told to reconnect (`Connection: close`), and both connections were
-    /// closed after that response.
+    /// The client was told to reconnect (`Connection: close`, `GOAWAY`), and both connections
+    /// were closed after what it was owed.
     LeftThePath,
 }
 
@@ -31,6 +33,7 @@ pub enum Ended {
 /// to `upstream`).
 pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, sent: &[u8]) -> std::io::Result<Ended> {
     let exit = Mutex::new(Exit::new(sent));
+    let for_client = Notify::new();
     let (leaving_tx, leaving) = watch::channel(false);
     let (mut client_r, mut client_w) = client.split();
     let (mut upstream_r, mut upstream_w) = upstream.split();
@@ -47,10 +50,15 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, sent: &[u8]) 
                 upstream_w.shutdown().await?;
                 return Ok::<_, std::io::Error>(());
             }
-            if !exit.lock().map(|mut e| e.on_requests(&buf[..n])).unwrap_or(true) {
-                break;
+            let (forward, wake) = match exit.lock() {
+                Ok(mut e) => (e.on_requests(&buf[..n]), e.has_for_client()),
+                Err(_) => (Some(Cow::Borrowed(&buf[..n])), false),
+            };
+            if wake {
+                for_client.notify_one();
             }
-            upstream_w.write_all(&buf[..n]).await?;
+            let Some(forward) = forward else { break };
+            upstream_w.write_all(&forward).await?;
         }
         // Leaving the path: the replica gets an end, and what the client may still send is read
         // and dropped until it closes (a lingering close: closing on unread bytes would reset
@@ -65,20 +73,30 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, sent: &[u8]) 
     let responses = async {
         let mut buf = vec![0u8; BUFFER];
         loop {
-            let n = upstream_r.read(&mut buf).await?;
-            if n == 0 {
+            let n = tokio::select! {
+                n = upstream_r.read(&mut buf) => Some(n?),
+                () = for_client.notified() => None,
+            };
+            if n == Some(0) {
                 client_w.shutdown().await?;
                 return Ok::<_, std::io::Error>(false);
             }
-            // Only the marked response's head is rewritten; every other read goes out as read.
-            let (marked, done) = match exit.lock() {
-                Ok(mut e) => match e.on_responses(&buf[..n]) {
-                    Cow::Owned(v) => (Some(v), e.done()),
-                    Cow::Borrowed(_) => (None, e.done()),
+            // Only what the exit changes is copied; every other read goes out as read.
+            let (changed, done) = match exit.lock() {
+                Ok(mut e) => match n {
+                    Some(n) => match e.on_responses(&buf[..n]) {
+                        Cow::Owned(v) => (Some(v), e.done()),
+                        Cow::Borrowed(_) => (None, e.done()),
+                    },
+                    None => (e.take_for_client(), e.done()),
                 },
                 Err(_) => (None, false),
             };
-            client_w.write_all(marked.as_deref().unwrap_or(&buf[..n])).await?;
+            match (changed, n) {
+                (Some(bytes), _) => client_w.write_all(&bytes).await?,
+                (None, Some(n)) => client_w.write_all(&buf[..n]).await?,
+                (None, None) => {}
+            }
             if done {
                 client_w.shutdown().await?;
                 let _ = leaving_tx.send(true);
@@ -87,6 +105,13 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, sent: &[u8]) 
         }
     };
     // An error on either side ends both, as a reset connection leaves nothing to relay.
-    let ((), left) = tokio::try_join!(requests, responses)?;
-    Ok(if left { Ended::LeftThePath } else { Ended::Closed })
+    let ended = tokio::try_join!(requests, responses);
+    // A client told to go away may close its end before it reads the last frames: it left.
+    let told = exit.lock().map(|e| e.told_to_leave()).unwrap_or(false);
+    match ended {
+        Ok(((), true)) => Ok(Ended::LeftThePath),
+        _ if told => Ok(Ended::LeftThePath),
+        Ok(((), false)) => Ok(Ended::Closed),
+        Err(e) => Err(e),
+    }
 }

@@ -359,3 +359,61 @@ async fn a_replica_that_resets_ends_the_relay_and_the_client_is_not_left_waiting
     }
     assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
 }
+
+/// An HTTP/2 replica: answers every request with `200` and `hello`, and keeps the connection
+/// open for more.
+async fn h2_replica() -> SocketAddr {
+    replica(|s| async move {
+        let Ok(mut connection) = h2::server::handshake(s).await else {
+            return;
+        };
+        while let Some(Ok((_, mut respond))) = connection.accept().await {
+            let response = http::Response::builder().status(200).body(()).expect("response");
+            if let Ok(mut body) = respond.send_response(response, false) {
+                let _ = body.send_data(bytes::Bytes::from_static(b"hello"), true);
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_http2_client_is_told_to_go_away_after_its_answer_and_its_connection_leaves_the_path() {
+    let (addr, backends, stats, _) = holder(HoldConfig::default()).await;
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::get("http://held.example/")
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("sent while held");
+    backends.send(vec![h2_replica().await]).expect("backends");
+
+    let response = response.await.expect("the held request's answer");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        got.extend_from_slice(&chunk.expect("body"));
+    }
+    assert_eq!(got, b"hello");
+    // A graceful end: the client was told to open new streams elsewhere, and its connection
+    // closed without an error once nothing was left on it.
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the connection ends")
+        .expect("the connection task");
+    if let Err(e) = ended {
+        assert_eq!(e.reason(), Some(h2::Reason::NO_ERROR), "{e}");
+    }
+    assert!(client.ready().await.is_err(), "no new stream on this connection");
+    for _ in 0..300 {
+        if stats.left_path_total.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stats.left_path_total.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
+}
