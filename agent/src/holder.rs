@@ -124,6 +124,8 @@ pub struct Holder {
     demand: Arc<Notify>,
     /// Also counts the connections in hand (held or relayed) here, if given.
     in_hand: Option<Arc<AtomicUsize>>,
+    /// Turns true when the agent stops: relayed clients are told to reconnect.
+    stopping: watch::Receiver<bool>,
 }
 
 impl Holder {
@@ -142,7 +144,15 @@ impl Holder {
             stats: Arc::default(),
             demand,
             in_hand: None,
+            stopping: watch::channel(false).1,
         }
+    }
+
+    /// Tells relayed clients to reconnect (where their protocol allows it while requests are
+    /// open: HTTP/2) once `stopping` turns true.
+    pub fn stopping_on(mut self, stopping: watch::Receiver<bool>) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     /// Also counts each connection in `gauge` from its accept to its end (relay included).
@@ -206,15 +216,16 @@ impl Holder {
                 gauge.fetch_add(1, Ordering::AcqRel);
             }
             self.demand.notify_one();
-            let (backends, config, stats, next, in_hand) = (
+            let (backends, config, stats, next, in_hand, stopping) = (
                 self.backends.clone(),
                 self.config,
                 Arc::clone(&self.stats),
                 Arc::clone(&next),
                 self.in_hand.clone(),
+                self.stopping.clone(),
             );
             tokio::spawn(async move {
-                let result = hold(client, accepted, backends, config, &stats, &next).await;
+                let result = hold(client, accepted, backends, config, &stats, &next, stopping).await;
                 if let Some(gauge) = in_hand {
                     gauge.fetch_sub(1, Ordering::AcqRel);
                 }
@@ -235,13 +246,14 @@ async fn hold(
     config: HoldConfig,
     stats: &HoldStats,
     next: &AtomicUsize,
+    stopping: watch::Receiver<bool>,
 ) -> Result<(), HoldError> {
     let forwarded = forward(&mut client, accepted, backends, config, stats, next).await;
     stats.waits.record(accepted.elapsed());
     stats.held_now.fetch_sub(1, Ordering::Release);
     let (upstream, sent) = forwarded?;
     stats.relaying_now.fetch_add(1, Ordering::Relaxed);
-    let relayed = relay::relay(client, upstream, &sent).await;
+    let relayed = relay::relay(client, upstream, &sent, stopping).await;
     stats.relaying_now.fetch_sub(1, Ordering::Relaxed);
     if relayed? == relay::Ended::LeftThePath {
         stats.left_path_total.fetch_add(1, Ordering::Relaxed);

@@ -44,6 +44,8 @@ pub struct Holders {
     node_ip: Option<IpAddr>,
     /// Ready backends not yet handed to their holders: see [`Holders::hand_over`].
     pending: Vec<(String, Vec<SocketAddr>)>,
+    /// Turned true when the agent stops: see [`Holders::stopping`].
+    stopping: Arc<watch::Sender<bool>>,
 }
 
 /// Tries for a loopback port that is free on the node address too.
@@ -59,7 +61,15 @@ impl Holders {
             pending: Vec::new(),
             in_hand: Arc::default(),
             node_ip,
+            stopping: Arc::new(watch::channel(false).0),
         }
+    }
+
+    /// Sent `true` when the agent stops: every holder's relayed clients are told to reconnect
+    /// at the next chance their protocol gives (HTTP/2: a graceful `GOAWAY` even while streams
+    /// are open), so the drain ends sooner and cuts fewer connections.
+    pub fn stopping(&self) -> Arc<watch::Sender<bool>> {
+        Arc::clone(&self.stopping)
     }
 
     /// A holder's loopback listener and, with a node address, its listener there on the same
@@ -125,7 +135,8 @@ impl Holders {
                         }
                         let (tx, rx) = watch::channel(backends.clone());
                         let mut holder = Holder::new(listener, rx, self.config, Arc::clone(&self.demand))
-                            .counted_in(Arc::clone(&self.in_hand));
+                            .counted_in(Arc::clone(&self.in_hand))
+                            .stopping_on(self.stopping.subscribe());
                         for l in listener6.into_iter().chain(on_node) {
                             holder = holder.also_on(l);
                         }

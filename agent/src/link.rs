@@ -76,8 +76,10 @@ pub async fn run(
     );
     let mut watching = Watching { scaler: None, local };
     let in_hand = holders.in_hand();
+    let stopping = holders.stopping();
     let stop = async {
         let _ = shutdown.changed().await;
+        stopping.send_replace(true);
         drain(&in_hand, settings.drain_timeout).await;
     };
     tokio::pin!(stop);

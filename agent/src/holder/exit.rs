@@ -110,6 +110,14 @@ impl Exit {
         }
     }
 
+    /// The agent is stopping: tell the client to reconnect at the next chance, where its
+    /// protocol allows that while requests are open (HTTP/2).
+    pub fn hurry(&mut self) {
+        if let Self::Http2(e) = self {
+            e.hurry();
+        }
+    }
+
     /// The client has been told to reconnect, and everything it is owed has passed: close both
     /// connections.
     pub fn done(&self) -> bool {

@@ -30,8 +30,14 @@ pub enum Ended {
 }
 
 /// Relays `client` ↔ `upstream`; `sent` is what the client sent while held (already written
-/// to `upstream`).
-pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, sent: &[u8]) -> std::io::Result<Ended> {
+/// to `upstream`). Once `stopping` turns true, the client is told to reconnect at the next
+/// chance its protocol gives.
+pub async fn relay(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    sent: &[u8],
+    mut stopping: watch::Receiver<bool>,
+) -> std::io::Result<Ended> {
     let exit = Mutex::new(Exit::new(sent));
     let for_client = Notify::new();
     let (leaving_tx, leaving) = watch::channel(false);
@@ -72,10 +78,18 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, sent: &[u8]) 
     };
     let responses = async {
         let mut buf = vec![0u8; BUFFER];
+        let mut hurried = false;
         loop {
             let n = tokio::select! {
                 n = upstream_r.read(&mut buf) => Some(n?),
                 () = for_client.notified() => None,
+                () = asked_to_stop(&mut stopping), if !hurried => {
+                    hurried = true;
+                    if let Ok(mut e) = exit.lock() {
+                        e.hurry();
+                    }
+                    None
+                }
             };
             if n == Some(0) {
                 client_w.shutdown().await?;
@@ -113,5 +127,12 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, sent: &[u8]) 
         _ if told => Ok(Ended::LeftThePath),
         Ok(((), false)) => Ok(Ended::Closed),
         Err(e) => Err(e),
+    }
+}
+
+/// Returns once `stopping` is true; never, if its sender is gone first.
+async fn asked_to_stop(stopping: &mut watch::Receiver<bool>) {
+    if stopping.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }

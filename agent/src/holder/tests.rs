@@ -417,3 +417,81 @@ async fn an_http2_client_is_told_to_go_away_after_its_answer_and_its_connection_
     assert_eq!(stats.left_path_total.load(Ordering::Relaxed), 1);
     assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test]
+async fn a_stopping_agent_tells_an_http2_client_to_go_away_while_its_call_is_answered() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (backends, rx) = watch::channel(Vec::new());
+    let (stopping, stopping_rx) = watch::channel(false);
+    let h = Holder::new(l, rx, HoldConfig::default(), Arc::new(Notify::new())).stopping_on(stopping_rx);
+    let (addr, stats) = (h.local_addr().expect("addr"), h.stats());
+    tokio::spawn(h.run());
+    // A replica that answers after 300 ms.
+    let slow = replica(|s| async move {
+        let Ok(mut connection) = h2::server::handshake(s).await else {
+            return;
+        };
+        while let Some(Ok((_, mut respond))) = connection.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let response = http::Response::builder().status(200).body(()).expect("response");
+                if let Ok(mut body) = respond.send_response(response, false) {
+                    let _ = body.send_data(bytes::Bytes::from_static(b"late"), true);
+                }
+            });
+        }
+    })
+    .await;
+
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::get("http://held.example/")
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("sent while held");
+    backends.send(vec![slow]).expect("backends");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        stats.relaying_now.load(Ordering::Relaxed),
+        1,
+        "relayed, its answer pending"
+    );
+    stopping.send_replace(true);
+    // Told at once, while its call is still open: no new stream on this connection.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let another = http::Request::get("http://held.example/2")
+        .body(())
+        .expect("request");
+    let refused = match client.clone().ready().await {
+        Ok(mut c) => c.send_request(another, true).is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "the client was not told to go away");
+
+    // The open call is still answered in full, and then the connection ends gracefully.
+    let response = response.await.expect("the call's answer");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        got.extend_from_slice(&chunk.expect("body"));
+    }
+    assert_eq!(got, b"late");
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the connection ends")
+        .expect("the connection task");
+    if let Err(e) = ended {
+        assert_eq!(e.reason(), Some(h2::Reason::NO_ERROR), "{e}");
+    }
+    for _ in 0..300 {
+        if stats.left_path_total.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stats.left_path_total.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
+}

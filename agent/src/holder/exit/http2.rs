@@ -129,6 +129,8 @@ pub struct Exit {
     outbox: Vec<u8>,
     /// The first `GOAWAY` went to the client.
     told: bool,
+    /// The agent is stopping: the client is told at once, whether streams are open or not.
+    hurried: bool,
 }
 
 impl Exit {
@@ -146,6 +148,7 @@ impl Exit {
             last_stream: 0,
             outbox: Vec::new(),
             told: false,
+            hurried: false,
         };
         let _ = exit.on_requests(sent);
         exit.kept_sent = exit.kept.len();
@@ -315,15 +318,23 @@ impl Exit {
         self.phase == Phase::Done
     }
 
+    /// The agent is stopping: the client is told to go away at the next chance, even while
+    /// streams are open (they are still served). Better than a cut at the drain timeout.
+    pub fn hurry(&mut self) {
+        self.hurried = true;
+    }
+
     /// The client has been told to go away.
     pub fn told_to_leave(&self) -> bool {
         self.told
     }
 
-    /// No stream is open and the server has sent its first frame (the SETTINGS its preface
-    /// starts with).
+    /// No stream is open (or the agent is stopping) and the server has sent its first frame
+    /// (the SETTINGS its preface starts with).
     fn ready_to_start(&self) -> bool {
-        self.phase == Phase::Serving && self.from_server.passed > 0 && self.streams.is_empty()
+        self.phase == Phase::Serving
+            && self.from_server.passed > 0
+            && (self.streams.is_empty() || self.hurried)
     }
 
     fn ready_to_close(&self) -> bool {

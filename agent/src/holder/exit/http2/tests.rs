@@ -116,6 +116,30 @@ fn a_server_that_goes_away_itself_after_the_client_was_told_takes_over() {
 }
 
 #[test]
+fn a_stopping_agent_tells_the_client_while_its_stream_is_still_open() {
+    let mut exit = Exit::new(&held_call(1));
+    let status = frame(HEADERS, 0x4, 1, b"status");
+    assert_eq!(
+        *exit.on_responses(&[settings(), status.clone()].concat()),
+        [settings(), status].concat()
+    );
+    assert!(!exit.has_for_client(), "stream 1 is open");
+    exit.hurry();
+    assert!(exit.has_for_client());
+    assert_eq!(exit.take_for_client(), Some(first_goaway()));
+    assert_eq!(exit.on_requests(&ping_ack()).as_deref(), Some(&[][..]));
+    assert_eq!(exit.take_for_client(), Some(goaway(1).to_vec()));
+    assert!(!exit.done(), "stream 1 is still served");
+    let rest = [
+        frame(DATA, 0, 1, b"reply"),
+        frame(HEADERS, 0x4 | END_STREAM, 1, b"trailers"),
+    ]
+    .concat();
+    assert_eq!(*exit.on_responses(&rest), rest);
+    assert!(exit.done());
+}
+
+#[test]
 fn a_stream_that_crosses_the_first_goaway_is_served_and_named_in_the_final_one() {
     let mut exit = Exit::new(&held_call(1));
     let out = exit.on_responses(&[settings(), answer(1)].concat()).into_owned();
