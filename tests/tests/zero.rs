@@ -216,6 +216,37 @@ fn payload(id: u64) -> Vec<u8> {
     format!("call {id:03};").repeat(64).into_bytes()
 }
 
+/// Makes every call `(id, channel)` at once: each call's outcome, an error naming the call if it
+/// failed or got another call's answer.
+async fn echo_calls(
+    calls: impl Iterator<Item = (u64, tonic::transport::Channel)>,
+) -> Vec<Result<(), String>> {
+    let tasks: Vec<_> = calls
+        .map(|(id, channel)| {
+            let mut client = EchoClient::new(channel);
+            tokio::spawn(async move {
+                let reply = client
+                    .echo(EchoRequest {
+                        id,
+                        payload: payload(id),
+                    })
+                    .await
+                    .map_err(|status| format!("call {id}: {status}"))?
+                    .into_inner();
+                if reply.id != id || reply.payload != payload(id) {
+                    return Err(format!("call {id} got the answer of call {}", reply.id));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.expect("call task"));
+    }
+    outcomes
+}
+
 #[test]
 fn two_hundred_cold_grpc_calls_all_get_their_own_answer() {
     require_root();
@@ -241,29 +272,8 @@ fn two_hundred_cold_grpc_calls_all_get_their_own_answer() {
             let endpoint = Endpoint::from_shared(format!("http://{address}")).expect("endpoint");
             channels.push(endpoint.connect().await.expect("connect to the service address"));
         }
-        let calls: Vec<_> = (0..200u64)
-            .map(|id| {
-                let mut client = EchoClient::new(channels[id as usize % 150].clone());
-                tokio::spawn(async move {
-                    let reply = client
-                        .echo(EchoRequest {
-                            id,
-                            payload: payload(id),
-                        })
-                        .await
-                        .map_err(|status| format!("call {id}: {status}"))?
-                        .into_inner();
-                    if reply.id != id || reply.payload != payload(id) {
-                        return Err(format!("call {id} got the answer of call {}", reply.id));
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        let mut outcomes = Vec::new();
-        for c in calls {
-            outcomes.push(c.await.expect("call task"));
-        }
+        let calls = (0..200u64).map(|id| (id, channels[id as usize % 150].clone()));
+        let outcomes = echo_calls(calls).await;
         (channels, outcomes)
     });
     let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
@@ -287,35 +297,12 @@ fn two_hundred_cold_grpc_calls_all_get_their_own_answer() {
     });
     // Each channel's next call opens a new connection, which the connect hook sends straight
     // to the replica: no call fails, and none is held.
-    let again = rt.block_on(async move {
-        let calls: Vec<_> = channels
+    let again = rt.block_on(echo_calls(
+        channels
             .into_iter()
             .enumerate()
-            .map(|(i, channel)| {
-                let id = 1_000 + i as u64;
-                let mut client = EchoClient::new(channel);
-                tokio::spawn(async move {
-                    let reply = client
-                        .echo(EchoRequest {
-                            id,
-                            payload: payload(id),
-                        })
-                        .await
-                        .map_err(|status| format!("call {id}: {status}"))?
-                        .into_inner();
-                    if reply.id != id {
-                        return Err(format!("call {id} got the answer of call {}", reply.id));
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        let mut outcomes = Vec::new();
-        for c in calls {
-            outcomes.push(c.await.expect("call task"));
-        }
-        outcomes
-    });
+            .map(|(i, channel)| (1_000 + i as u64, channel)),
+    ));
     let failed: Vec<&String> = again.iter().filter_map(|o| o.as_ref().err()).collect();
     assert!(
         failed.is_empty(),

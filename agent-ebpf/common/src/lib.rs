@@ -2,6 +2,7 @@
 //! padding left implicit) and the pure classifier that decides where an HTTP message starts.
 #![no_std]
 
+pub mod h2;
 pub mod http;
 pub mod latency;
 pub mod maps;

@@ -53,11 +53,10 @@ const UA_VALUE: u8 = 21;
 
 /// The first 16 bytes of the HTTP/2 client connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8; 16] = b"PRI * HTTP/2.0\r\n";
-const H2_DATA: u8 = 0;
-const H2_HEADERS: u8 = 1;
-const H2_RST_STREAM: u8 = 3;
-const H2_SETTINGS: u8 = 4;
-const H2_END_STREAM: u8 = 1;
+use crate::h2::{
+    DATA as H2_DATA, END_STREAM as H2_END_STREAM, HEADERS as H2_HEADERS, RST_STREAM as H2_RST_STREAM,
+    SETTINGS as H2_SETTINGS,
+};
 
 /// `Framer::flags`.
 const F_CHUNKED: u8 = 1;

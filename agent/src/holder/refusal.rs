@@ -7,22 +7,17 @@
 //!   the client knows no later stream was taken and may retry it elsewhere;
 //! - anything else: nothing, the connection is closed.
 
-use surge_common::http::{classify, prefix_of, SegmentStart};
-
-/// The HTTP/2 client connection preface (RFC 9113 §3.4).
-pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+use surge_common::{
+    h2::{
+        ACK as FLAG_ACK, CLIENT_PREFACE as H2_PREFACE, END_HEADERS as FLAG_END_HEADERS,
+        END_STREAM as FLAG_END_STREAM, FRAME_HEADER_LEN, GOAWAY as FRAME_GOAWAY, HEADERS as FRAME_HEADERS,
+        SETTINGS as FRAME_SETTINGS,
+    },
+    http::{classify, prefix_of, SegmentStart},
+};
 
 /// Why the connection is refused, in the body (HTTP/1) and in `grpc-message` (HTTP/2).
 pub const REASON: &str = "no replica became ready in time";
-
-const FRAME_HEADERS: u8 = 0x1;
-const FRAME_SETTINGS: u8 = 0x4;
-const FRAME_GOAWAY: u8 = 0x7;
-const FLAG_ACK: u8 = 0x1;
-const FLAG_END_STREAM: u8 = 0x1;
-const FLAG_END_HEADERS: u8 = 0x4;
-/// A frame header: 24-bit length, type, flags, 31-bit stream id.
-const FRAME_HEADER_LEN: usize = 9;
 
 /// The bytes to send a client that timed out, or `None` to just close.
 pub fn timeout_answer(sent: &[u8], retry_after: u32) -> Option<Vec<u8>> {

@@ -318,14 +318,7 @@ async fn a_keep_alive_client_is_told_to_reconnect_and_its_connection_leaves_the_
     );
     // As a client told `Connection: close` does, it closes its end too.
     drop(client);
-    for _ in 0..300 {
-        if stats.left_path_total.load(Ordering::Relaxed) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(stats.left_path_total.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
+    left_the_path_once(&stats).await;
 }
 
 #[tokio::test]
@@ -360,6 +353,60 @@ async fn a_replica_that_resets_ends_the_relay_and_the_client_is_not_left_waiting
     assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
 }
 
+/// An HTTP/2 client connected to `addr` (a holder) with one GET sent on it: the client, the
+/// response to come, and the connection's task.
+async fn held_h2_request(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::client::ResponseFuture,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::get("http://held.example/")
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("sent while held");
+    (client, response, connection)
+}
+
+/// The whole body of an HTTP/2 response.
+async fn body_of(response: http::Response<h2::RecvStream>) -> Vec<u8> {
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        got.extend_from_slice(&chunk.expect("body"));
+    }
+    got
+}
+
+/// Waits for an HTTP/2 client connection to end, and checks that it ended without an error.
+async fn ends_gracefully(connection: tokio::task::JoinHandle<Result<(), h2::Error>>) {
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the connection ends")
+        .expect("the connection task");
+    if let Err(e) = ended {
+        assert_eq!(e.reason(), Some(h2::Reason::NO_ERROR), "{e}");
+    }
+}
+
+/// Waits (3 s at most) for one relayed connection to have left the path, and none to be
+/// relayed still.
+async fn left_the_path_once(stats: &HoldStats) {
+    for _ in 0..300 {
+        if stats.left_path_total.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stats.left_path_total.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
+}
+
 /// An HTTP/2 replica: answers every request with `200` and `hello`, and keeps the connection
 /// open for more.
 async fn h2_replica() -> SocketAddr {
@@ -380,42 +427,18 @@ async fn h2_replica() -> SocketAddr {
 #[tokio::test]
 async fn an_http2_client_is_told_to_go_away_after_its_answer_and_its_connection_leaves_the_path() {
     let (addr, backends, stats, _) = holder(HoldConfig::default()).await;
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    let connection = tokio::spawn(connection);
-    let mut client = client.ready().await.expect("ready");
-    let request = http::Request::get("http://held.example/")
-        .body(())
-        .expect("request");
-    let (response, _) = client.send_request(request, true).expect("sent while held");
+    let (client, response, connection) = held_h2_request(addr).await;
     backends.send(vec![h2_replica().await]).expect("backends");
 
     let response = response.await.expect("the held request's answer");
     assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let mut got = Vec::new();
-    while let Some(chunk) = body.data().await {
-        got.extend_from_slice(&chunk.expect("body"));
-    }
+    let got = body_of(response).await;
     assert_eq!(got, b"hello");
     // A graceful end: the client was told to open new streams elsewhere, and its connection
     // closed without an error once nothing was left on it.
-    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
-        .await
-        .expect("the connection ends")
-        .expect("the connection task");
-    if let Err(e) = ended {
-        assert_eq!(e.reason(), Some(h2::Reason::NO_ERROR), "{e}");
-    }
+    ends_gracefully(connection).await;
     assert!(client.ready().await.is_err(), "no new stream on this connection");
-    for _ in 0..300 {
-        if stats.left_path_total.load(Ordering::Relaxed) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(stats.left_path_total.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
+    left_the_path_once(&stats).await;
 }
 
 #[tokio::test]
@@ -443,14 +466,7 @@ async fn a_stopping_agent_tells_an_http2_client_to_go_away_while_its_call_is_ans
     })
     .await;
 
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    let connection = tokio::spawn(connection);
-    let mut client = client.ready().await.expect("ready");
-    let request = http::Request::get("http://held.example/")
-        .body(())
-        .expect("request");
-    let (response, _) = client.send_request(request, true).expect("sent while held");
+    let (client, response, connection) = held_h2_request(addr).await;
     backends.send(vec![slow]).expect("backends");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
@@ -473,25 +489,8 @@ async fn a_stopping_agent_tells_an_http2_client_to_go_away_while_its_call_is_ans
     // The open call is still answered in full, and then the connection ends gracefully.
     let response = response.await.expect("the call's answer");
     assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let mut got = Vec::new();
-    while let Some(chunk) = body.data().await {
-        got.extend_from_slice(&chunk.expect("body"));
-    }
+    let got = body_of(response).await;
     assert_eq!(got, b"late");
-    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
-        .await
-        .expect("the connection ends")
-        .expect("the connection task");
-    if let Err(e) = ended {
-        assert_eq!(e.reason(), Some(h2::Reason::NO_ERROR), "{e}");
-    }
-    for _ in 0..300 {
-        if stats.left_path_total.load(Ordering::Relaxed) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(stats.left_path_total.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.relaying_now.load(Ordering::Relaxed), 0);
+    ends_gracefully(connection).await;
+    left_the_path_once(&stats).await;
 }

@@ -19,23 +19,15 @@
 
 use std::{borrow::Cow, collections::BTreeMap};
 
-/// The client's connection preface (RFC 9113 §3.4).
-pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub use surge_common::h2::CLIENT_PREFACE as PREFACE;
+use surge_common::h2::{
+    ACK, DATA, END_STREAM, FRAME_HEADER_LEN as HEADER, GOAWAY, HEADERS, PING, PUSH_PROMISE, RST_STREAM,
+    SETTINGS,
+};
 /// The opaque data of the holder's `PING`, told apart from the server's own by it.
 const OPAQUE: [u8; 8] = *b"surge-go";
 /// The largest stream id: "no stream is refused yet".
 const ANY_STREAM: u32 = (1 << 31) - 1;
-const HEADER: usize = 9;
-
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PUSH_PROMISE: u8 = 0x5;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
