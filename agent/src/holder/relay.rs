@@ -56,9 +56,9 @@ pub async fn relay(
                 upstream_w.shutdown().await?;
                 return Ok::<_, std::io::Error>(());
             }
-            let (forward, wake) = match exit.lock() {
-                Ok(mut e) => (e.on_requests(&buf[..n]), e.has_for_client()),
-                Err(_) => (Some(Cow::Borrowed(&buf[..n])), false),
+            let (forward, wake) = {
+                let mut e = exit.lock().map_err(|_| poisoned())?;
+                (e.on_requests(&buf[..n]), e.has_for_client())
             };
             if wake {
                 for_client.notify_one();
@@ -85,9 +85,7 @@ pub async fn relay(
                 () = for_client.notified() => None,
                 () = asked_to_stop(&mut stopping), if !hurried => {
                     hurried = true;
-                    if let Ok(mut e) = exit.lock() {
-                        e.hurry();
-                    }
+                    exit.lock().map_err(|_| poisoned())?.hurry();
                     None
                 }
             };
@@ -96,15 +94,16 @@ pub async fn relay(
                 return Ok::<_, std::io::Error>(false);
             }
             // Only what the exit changes is copied; every other read goes out as read.
-            let (changed, done) = match exit.lock() {
-                Ok(mut e) => match n {
+            let (changed, done) = {
+                let mut e = exit.lock().map_err(|_| poisoned())?;
+                let changed = match n {
                     Some(n) => match e.on_responses(&buf[..n]) {
-                        Cow::Owned(v) => (Some(v), e.done()),
-                        Cow::Borrowed(_) => (None, e.done()),
+                        Cow::Owned(v) => Some(v),
+                        Cow::Borrowed(_) => None,
                     },
-                    None => (e.take_for_client(), e.done()),
-                },
-                Err(_) => (None, false),
+                    None => e.take_for_client(),
+                };
+                (changed, e.done())
             };
             match (changed, n) {
                 (Some(bytes), _) => client_w.write_all(&bytes).await?,
@@ -120,7 +119,8 @@ pub async fn relay(
     };
     // An error on either side ends both, as a reset connection leaves nothing to relay.
     let ended = tokio::try_join!(requests, responses);
-    // A client told to go away may close its end before it reads the last frames: it left.
+    // A client told to go away may close its end before it reads the last frames, or reset it:
+    // either way it left.
     let told = exit.lock().map(|e| e.told_to_leave()).unwrap_or(false);
     match ended {
         Ok(((), true)) => Ok(Ended::LeftThePath),
@@ -135,4 +135,10 @@ async fn asked_to_stop(stopping: &mut watch::Receiver<bool>) {
     if stopping.wait_for(|s| *s).await.is_err() {
         std::future::pending::<()>().await;
     }
+}
+
+/// The exit's lock was poisoned by a panic: its view of the connection cannot be trusted, so
+/// the relay ends rather than pass bytes it no longer follows.
+fn poisoned() -> std::io::Error {
+    std::io::Error::other("the relay's exit state was poisoned by a panic")
 }
