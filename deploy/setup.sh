@@ -20,6 +20,8 @@ APT_PACKAGES=(
   iproute2 curl wrk haproxy prometheus
   # A real browser for the scaler's web page test.
   chromium
+  # A gRPC core client (the C library under Python, Ruby, PHP and C# clients) for the hold tests.
+  python3-grpcio
   # kube-proxy's part (a Service's ClusterIP routed to its endpoints) in the Kubernetes hold test.
   nftables
   # A real Kubernetes API server for the tests, built from Debian's source (deploy/kube-test/cluster.sh).

@@ -314,6 +314,100 @@ fn two_hundred_cold_grpc_calls_all_get_their_own_answer() {
     assert_eq!(v["relayed_connections"], 0, "{v}");
 }
 
+/// The gRPC client of `tests/scripts/grpc_core_calls.py` (gRPC core, the C library under the
+/// Python, Ruby, PHP and C# clients) with `channels` channels to `address`: it makes one call per
+/// channel, then waits for a line on its stdin and makes another round.
+struct GrpcCoreClient {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl GrpcCoreClient {
+    fn start(address: SocketAddr, channels: usize) -> Self {
+        use std::{
+            io::BufRead,
+            process::{Command, Stdio},
+        };
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/grpc_core_calls.py");
+        // Debian's python3, where python3-grpcio is (deploy/setup.sh installs it).
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(&script)
+            .arg(address.to_string())
+            .arg(channels.to_string())
+            .env_remove("http_proxy")
+            .env_remove("https_proxy")
+            .env_remove("grpc_proxy")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the gRPC core client");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The client's next line (60 s at most).
+    fn next_line(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a line from the gRPC core client")
+    }
+
+    fn next_round(&mut self) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(b"go\n")
+            .and_then(|()| stdin.flush())
+            .expect("tell the client");
+    }
+}
+
+impl Drop for GrpcCoreClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn grpc_core_clients_held_while_cold_leave_the_path_and_reconnect_by_themselves() {
+    require_root();
+    let name = "cold-grpc-core";
+    let dir = scratch("zero-grpc-core");
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let scaler = Scaler::start(
+        &dir,
+        free_port(),
+        &configure(&dir, name, address, "2s", &["--grpc"]),
+    );
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for(name, "the agent's first report at zero", |v| {
+        v["reported"] == true && v["replicas"]["current"] == 0
+    });
+
+    // 50 channels, each with one call, all made while the service is at zero.
+    let mut client = GrpcCoreClient::start(address, 50);
+    assert_eq!(client.next_line(), "round 1: 50 answered");
+    let held = hold_histogram_counts_every_hold(&scaler, name);
+    assert_eq!(held, 50);
+    // gRPC core took the holder's GOAWAY as the server's: every connection left the path.
+    scaler.wait_for(name, "every held connection out of the path", |v| {
+        v["held_left_path"] == 50 && v["relayed_connections"] == 0
+    });
+    // Each channel reconnects by itself for its next call, straight to the replica.
+    client.next_round();
+    assert_eq!(client.next_line(), "round 2: 50 answered");
+    let v = scaler.wait_for(name, "the second round counted", |v| v["requests_total"] == 100);
+    assert_eq!(v["held_total"], 50, "{v}");
+    assert_eq!(v["hold_timeouts"], 0, "{v}");
+}
+
 #[test]
 fn a_request_body_larger_than_the_hold_buffer_arrives_intact() {
     require_root();
