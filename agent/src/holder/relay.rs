@@ -93,22 +93,17 @@ pub async fn relay(
                 client_w.shutdown().await?;
                 return Ok::<_, std::io::Error>(false);
             }
-            // Only what the exit changes is copied; every other read goes out as read.
-            let (changed, done) = {
+            // What the exit passes on borrows the read buffer unless it changed something.
+            let (out, done) = {
                 let mut e = exit.lock().map_err(|_| poisoned())?;
-                let changed = match n {
-                    Some(n) => match e.on_responses(&buf[..n]) {
-                        Cow::Owned(v) => Some(v),
-                        Cow::Borrowed(_) => None,
-                    },
-                    None => e.take_for_client(),
+                let out = match n {
+                    Some(n) => e.on_responses(&buf[..n]),
+                    None => e.take_for_client().map_or(Cow::Borrowed(&[][..]), Cow::Owned),
                 };
-                (changed, e.done())
+                (out, e.done())
             };
-            match (changed, n) {
-                (Some(bytes), _) => client_w.write_all(&bytes).await?,
-                (None, Some(n)) => client_w.write_all(&buf[..n]).await?,
-                (None, None) => {}
+            if !out.is_empty() {
+                client_w.write_all(&out).await?;
             }
             if done {
                 client_w.shutdown().await?;

@@ -494,3 +494,50 @@ async fn a_stopping_agent_tells_an_http2_client_to_go_away_while_its_call_is_ans
     ends_gracefully(connection).await;
     left_the_path_once(&stats).await;
 }
+
+#[tokio::test]
+async fn a_replica_read_that_ends_inside_a_frame_header_reaches_the_client_once() {
+    let (addr, backends, _stats, _) = holder(HoldConfig::default()).await;
+    let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+    let ping = [
+        0u8, 0, 8, 6, 0, 0, 0, 0, 0, b'1', b'2', b'3', b'4', b'5', b'6', b'7', b'8',
+    ];
+    let sent_by_replica = [&settings[..], &ping[..]].concat();
+    let bytes = sent_by_replica.clone();
+    // The replica writes its SETTINGS and the first 4 bytes of a PING's header, then the rest.
+    let split = replica(move |mut s| {
+        let bytes = bytes.clone();
+        async move {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(&bytes[..13]).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = s.write_all(&bytes[13..]).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    // The preface, SETTINGS, and stream 1 open (so the holder adds nothing of its own).
+    let hello = [
+        &h2_preface()[..],
+        &settings[..],
+        &[0, 0, 1, 1, 4, 0, 0, 0, 1, 0x82][..],
+    ]
+    .concat();
+    client.write_all(&hello).await.expect("send");
+    backends.send(vec![split]).expect("backends");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_millis(400), async {
+        while let Ok(n @ 1..) = client.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert_eq!(got, sent_by_replica, "each byte once, in order");
+}
+
+fn h2_preface() -> Vec<u8> {
+    super::exit::http2::PREFACE.to_vec()
+}

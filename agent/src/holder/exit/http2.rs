@@ -34,6 +34,7 @@ const OPAQUE: [u8; 8] = *b"surge-go";
 /// The largest stream id: "no stream is refused yet".
 const ANY_STREAM: u32 = (1 << 31) - 1;
 pub(super) const CONTINUATION: u8 = 0x9;
+const WINDOW_UPDATE: u8 = 0x8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -82,6 +83,15 @@ fn control(kind: u8, payload: [u8; 8]) -> [u8; HEADER + 8] {
     f
 }
 
+/// A connection-level WINDOW_UPDATE of `increment` bytes.
+fn window_update(increment: u32) -> [u8; HEADER + 4] {
+    let mut f = [0u8; HEADER + 4];
+    f[2] = 4;
+    f[3] = WINDOW_UPDATE;
+    f[HEADER..].copy_from_slice(&increment.to_be_bytes());
+    f
+}
+
 /// A `GOAWAY` with no error naming `last` as the last stream that may still be served.
 fn goaway(last: u32) -> [u8; HEADER + 8] {
     let mut payload = [0u8; 8];
@@ -108,6 +118,8 @@ struct Direction {
     /// A stream whose END_STREAM takes effect once the current frame (and header block) has
     /// passed whole.
     end_pending: Option<u32>,
+    /// A stream whose RST_STREAM takes effect once the current frame has passed whole.
+    reset_pending: Option<u32>,
     /// Whole frames passed so far.
     passed: u64,
 }
@@ -208,6 +220,9 @@ pub struct Exit {
     server_leaving: bool,
     /// The agent is stopping: the client is told at once, whether streams are open or not.
     hurried: bool,
+    /// DATA bytes of dropped streams that the client counted against the connection's
+    /// flow-control window and the server will never credit: the holder gives them back.
+    window_owed: u32,
 }
 
 impl Exit {
@@ -226,6 +241,7 @@ impl Exit {
             said_final: None,
             server_leaving: false,
             hurried: false,
+            window_owed: 0,
         };
         let frames = sent.strip_prefix(&PREFACE[..]).unwrap_or_default();
         let _ = exit.follow_client(frames);
@@ -273,7 +289,11 @@ impl Exit {
     /// Whether the client's side moved things on, so that [`Self::take_for_client`] may have
     /// frames to send or the connection may be done.
     pub fn has_for_client(&self) -> bool {
-        !self.outbox.is_empty() || self.ready_to_start() || self.ready_to_close()
+        !matches!(self.phase, Phase::Off | Phase::Done)
+            && (!self.outbox.is_empty()
+                || self.window_owed > 0
+                || self.ready_to_start()
+                || self.ready_to_close())
     }
 
     /// Every stream is done and the client has the final `GOAWAY`: close both connections.
@@ -321,6 +341,10 @@ impl Exit {
     /// Puts what has come due in the outbox: the first `GOAWAY` and the `PING`, or the final
     /// `GOAWAY` (naming the last stream the client opened before it was sent).
     fn fall_due(&mut self) {
+        if self.window_owed > 0 {
+            self.outbox
+                .extend_from_slice(&window_update(std::mem::take(&mut self.window_owed)));
+        }
         if self.server_leaving {
             return;
         }
@@ -378,6 +402,9 @@ impl Exit {
             // processed: the server never sees it, so it is not processed twice.
             self.client.dropping =
                 head.stream % 2 == 1 && self.said_final.is_some_and(|last| head.stream > last);
+            if self.client.dropping && head.kind == DATA {
+                self.window_owed = self.window_owed.saturating_add(head.len as u32).min(ANY_STREAM);
+            }
             if !self.client.dropping {
                 pass.pass(pos..pos + HEADER);
                 self.on_client_frame(head);
@@ -401,6 +428,9 @@ impl Exit {
     fn client_frame_passed(&mut self) {
         self.client.passed += 1;
         self.client.dropping = false;
+        if let Some(stream) = self.client.reset_pending.take() {
+            self.reset(stream);
+        }
         if !self.client.in_block {
             if let Some(stream) = self.client.end_pending.take() {
                 self.end_half(stream, true);
@@ -414,9 +444,10 @@ impl Exit {
                 self.last_stream = head.stream;
                 self.streams.insert(head.stream, Halves::default());
             }
-            RST_STREAM => self.reset(head.stream),
+            // Once the whole frame has passed: closing before would cut it.
+            RST_STREAM => self.client.reset_pending = Some(head.stream),
             // The client leaving of its own accord; once told, it is leaving as asked.
-            GOAWAY if self.phase == Phase::Serving => self.phase = Phase::Off,
+            GOAWAY if self.phase == Phase::Serving => self.off(),
             _ => {}
         }
         track_block(&mut self.client, head);
@@ -517,13 +548,21 @@ impl Exit {
     fn on_server_frame(&mut self, head: FrameHead) {
         if self.server.passed == 0 && head.kind != SETTINGS {
             // An HTTP/2 server's first frame is its SETTINGS: this one does not speak HTTP/2.
-            self.phase = Phase::Off;
+            self.off();
             return;
         }
         match head.kind {
             RST_STREAM => self.reset(head.stream),
-            // The server closing (or pushing) of its own accord before the client was told.
-            GOAWAY | PUSH_PROMISE => self.phase = Phase::Off,
+            // The server closing (or pushing) of its own accord: before the client was told,
+            // the connection is left alone; after, the holder says no more and the server
+            // ends the connection (the client side is still followed, to keep the holder's
+            // PING answer and dropped streams from the server).
+            GOAWAY | PUSH_PROMISE if self.said.is_none() => self.off(),
+            PUSH_PROMISE => {
+                self.server_leaving = true;
+                self.outbox.clear();
+                self.saying = None;
+            }
             _ => {}
         }
         track_block(&mut self.server, head);
@@ -544,6 +583,13 @@ impl Exit {
 
     fn reset(&mut self, stream: u32) {
         self.streams.remove(&stream);
+    }
+
+    /// Relays untouched from now on; nothing more to say.
+    fn off(&mut self) {
+        self.phase = Phase::Off;
+        self.outbox.clear();
+        self.saying = None;
     }
 }
 

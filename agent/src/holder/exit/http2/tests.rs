@@ -140,6 +140,29 @@ fn a_stopping_agent_tells_the_client_while_its_stream_is_still_open() {
 }
 
 #[test]
+fn a_client_reset_counts_once_its_whole_frame_has_passed() {
+    let mut exit = Exit::new(&held_call(1));
+    let _ = exit.on_responses(&[settings(), answer(1)].concat());
+    let _ = exit.on_requests(&[call(3), ping_ack()].concat());
+    assert_eq!(exit.take_for_client(), Some(goaway(3).to_vec()));
+    // The client cancels stream 3; its RST_STREAM arrives in two reads.
+    let reset = frame(RST_STREAM, 0, 3, &[0, 0, 0, 8]);
+    assert_eq!(
+        exit.on_requests(&reset[..HEADER]).as_deref(),
+        Some(&reset[..HEADER])
+    );
+    assert_eq!(exit.take_for_client(), None);
+    assert!(!exit.done(), "4 bytes of the reset are still owed to the server");
+    assert_eq!(
+        exit.on_requests(&reset[HEADER..]).as_deref(),
+        Some(&reset[HEADER..])
+    );
+    assert!(exit.has_for_client());
+    assert_eq!(exit.take_for_client(), None);
+    assert!(exit.done());
+}
+
+#[test]
 fn a_stream_that_crosses_the_first_goaway_is_served_and_named_in_the_final_one() {
     let mut exit = Exit::new(&held_call(1));
     let out = exit.on_responses(&[settings(), answer(1)].concat()).into_owned();
@@ -253,7 +276,11 @@ fn a_server_that_does_not_speak_http2_is_left_alone() {
 }
 
 fn window_update() -> Vec<u8> {
-    frame(0x8, 0, 0, &[0, 0, 1, 0])
+    window_update_of(256)
+}
+
+fn window_update_of(increment: u32) -> Vec<u8> {
+    frame(0x8, 0, 0, &increment.to_be_bytes())
 }
 
 #[test]
@@ -350,6 +377,11 @@ fn a_stream_opened_after_the_final_goaway_never_reaches_the_server() {
     // The GOAWAY told the client stream 5 was not processed: it may retry it elsewhere.
     let late = [call(5), window_update()].concat();
     assert_eq!(exit.on_requests(&late).as_deref(), Some(&window_update()[..]));
+    // The client counted stream 5's DATA against the connection's window, which the server,
+    // never seeing it, will not give back: the holder does.
+    assert!(exit.has_for_client());
+    let message = b"message".len() as u32;
+    assert_eq!(exit.take_for_client(), Some(window_update_of(message)));
     let answer3 = answer(3);
     assert_eq!(*exit.on_responses(&answer3), answer3);
     assert!(exit.done(), "stream 5 was never open");
