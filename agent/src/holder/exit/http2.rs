@@ -608,4 +608,6 @@ fn track_block(d: &mut Direction, head: FrameHead) {
 }
 
 #[cfg(test)]
+mod randomized;
+#[cfg(test)]
 mod tests;
