@@ -49,6 +49,34 @@ fn configure(
     .scaler_flags(dir)
 }
 
+/// A service at zero, its scaler, and an agent that has reported it.
+struct AtZero {
+    address: SocketAddr,
+    scaler: Scaler,
+    agent: Agent,
+}
+
+/// Starts the scaler for a service `name` at zero (see [`configure`]) and an agent with
+/// `agent_args`, and waits for the agent's first report of the service.
+fn at_zero(test: &str, name: &str, startup: &str, sample_args: &[&str], agent_args: &[String]) -> AtZero {
+    let dir = scratch(test);
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let scaler = Scaler::start(
+        &dir,
+        free_port(),
+        &configure(&dir, name, address, startup, sample_args),
+    );
+    let agent = Agent::start(&dir, &scaler.grpc_url(), agent_args);
+    scaler.wait_for(name, "the agent's first report at zero", |v| {
+        v["reported"] == true && v["replicas"]["current"] == 0
+    });
+    AtZero {
+        address,
+        scaler,
+        agent,
+    }
+}
+
 /// Once no connection is held: the hold-duration histogram counted every held connection exactly
 /// once, in the API and on /metrics, and every wait lasted at least the replica's 2 s start
 /// (within a bucket's width). Returns the number of held connections.
@@ -73,13 +101,11 @@ fn hold_histogram_counts_every_hold(scaler: &Scaler, name: &str) -> u64 {
 fn two_hundred_cold_clients_all_get_their_answer_and_warm_traffic_goes_direct() {
     require_root();
     let name = "cold-http";
-    let dir = scratch("zero");
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address, "2s", &[]));
-    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for(name, "the agent's first report at zero", |v| {
-        v["reported"] == true && v["replicas"]["current"] == 0
-    });
+    let AtZero {
+        address,
+        scaler,
+        agent: _agent,
+    } = at_zero("zero", name, "2s", &[], &[]);
 
     // 200 clients at once: half keep-alive clients that send a second request, half one request
     // each that ask to close. The answer to a held keep-alive request says `Connection: close`,
@@ -175,13 +201,17 @@ fn two_hundred_cold_clients_all_get_their_answer_and_warm_traffic_goes_direct() 
 fn a_client_held_past_the_timeout_gets_503_with_retry_after_and_the_next_one_succeeds() {
     require_root();
     let name = "cold-timeout";
-    let dir = scratch("zero-timeout");
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address, "6s", &[]));
-    let _agent = Agent::start(&dir, &scaler.grpc_url(), &["--hold-timeout".into(), "2s".into()]);
-    scaler.wait_for(name, "the agent's first report at zero", |v| {
-        v["reported"] == true && v["replicas"]["current"] == 0
-    });
+    let AtZero {
+        address,
+        scaler,
+        agent: _agent,
+    } = at_zero(
+        "zero-timeout",
+        name,
+        "6s",
+        &[],
+        &["--hold-timeout".into(), "2s".into()],
+    );
 
     let mut c = Connection::open(address).expect("connect");
     let reply = c.request("GET", "/", &[], false).expect("an answer, not a reset");
@@ -251,17 +281,11 @@ async fn echo_calls(
 fn two_hundred_cold_grpc_calls_all_get_their_own_answer() {
     require_root();
     let name = "cold-grpc";
-    let dir = scratch("zero-grpc");
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let scaler = Scaler::start(
-        &dir,
-        free_port(),
-        &configure(&dir, name, address, "2s", &["--grpc"]),
-    );
-    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for(name, "the agent's first report at zero", |v| {
-        v["reported"] == true && v["replicas"]["current"] == 0
-    });
+    let AtZero {
+        address,
+        scaler,
+        agent: _agent,
+    } = at_zero("zero-grpc", name, "2s", &["--grpc"], &[]);
 
     // 150 h2c connections made while the service is at zero; then 200 unary calls at once:
     // 100 connections carry one call, 50 carry two multiplexed streams. tonic never retries.
@@ -379,17 +403,11 @@ impl Drop for GrpcCoreClient {
 fn grpc_core_clients_held_while_cold_leave_the_path_and_reconnect_by_themselves() {
     require_root();
     let name = "cold-grpc-core";
-    let dir = scratch("zero-grpc-core");
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let scaler = Scaler::start(
-        &dir,
-        free_port(),
-        &configure(&dir, name, address, "2s", &["--grpc"]),
-    );
-    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for(name, "the agent's first report at zero", |v| {
-        v["reported"] == true && v["replicas"]["current"] == 0
-    });
+    let AtZero {
+        address,
+        scaler,
+        agent: _agent,
+    } = at_zero("zero-grpc-core", name, "2s", &["--grpc"], &[]);
 
     // 50 channels, each with one call, all made while the service is at zero.
     let mut client = GrpcCoreClient::start(address, 50);
@@ -412,15 +430,19 @@ fn grpc_core_clients_held_while_cold_leave_the_path_and_reconnect_by_themselves(
 fn a_request_body_larger_than_the_hold_buffer_arrives_intact() {
     require_root();
     let name = "cold-body";
-    let dir = scratch("zero-body");
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address, "2s", &[]));
     // A 4 KiB buffer against a 6 MiB body: the holder stops reading after 4 KiB and the client
     // waits with the rest until the replica is ready.
-    let _agent = Agent::start(&dir, &scaler.grpc_url(), &["--hold-buffer".into(), "4KiB".into()]);
-    scaler.wait_for(name, "the agent's first report at zero", |v| {
-        v["reported"] == true && v["replicas"]["current"] == 0
-    });
+    let AtZero {
+        address,
+        scaler,
+        agent: _agent,
+    } = at_zero(
+        "zero-body",
+        name,
+        "2s",
+        &[],
+        &["--hold-buffer".into(), "4KiB".into()],
+    );
     // Pseudo-random bytes (xorshift), so a dropped, repeated or reordered chunk shows.
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let body: Vec<u8> = (0..6 << 20)
@@ -449,13 +471,11 @@ fn a_request_body_larger_than_the_hold_buffer_arrives_intact() {
 fn clients_held_while_the_agent_stops_still_get_their_answer() {
     require_root();
     let name = "cold-agent-stops";
-    let dir = scratch("zero-agent-stops");
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address, "2s", &[]));
-    let mut agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for(name, "the agent's first report at zero", |v| {
-        v["reported"] == true && v["replicas"]["current"] == 0
-    });
+    let AtZero {
+        address,
+        scaler,
+        mut agent,
+    } = at_zero("zero-agent-stops", name, "2s", &[], &[]);
 
     let clients = 20;
     let threads: Vec<_> = (0..clients)
@@ -503,13 +523,11 @@ fn clients_held_while_the_agent_stops_still_get_their_answer() {
 fn a_stopped_agent_sends_no_connect_to_its_holders() {
     require_root();
     let name = "cold-released";
-    let dir = scratch("zero-released");
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, name, address, "1s", &[]));
-    let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for(name, "the agent's first report at zero", |v| {
-        v["reported"] == true && v["replicas"]["current"] == 0
-    });
+    let AtZero {
+        address,
+        scaler,
+        agent,
+    } = at_zero("zero-released", name, "1s", &[], &[]);
     scaler.wait_reports(3);
     let pin_dir = agent.pin_dir.clone();
     agent.stop_keeping_pins(libc::SIGTERM);

@@ -74,6 +74,15 @@ struct St {
     theirs_ended: bool,
 }
 
+/// The streams on which this side has not ended its half yet.
+fn still_sending(streams: &BTreeMap<u32, St>) -> Vec<u32> {
+    streams
+        .iter()
+        .filter(|(_, s)| !s.mine_ended)
+        .map(|(k, _)| *k)
+        .collect()
+}
+
 #[derive(Default)]
 struct Parser {
     buf: Vec<u8>,
@@ -136,12 +145,7 @@ impl Client {
         self.out.extend_from_slice(&f);
     }
     fn act(&mut self, rng: &mut Rng, draining: bool) {
-        let open: Vec<u32> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| !s.mine_ended)
-            .map(|(k, _)| *k)
-            .collect();
+        let open = still_sending(&self.streams);
         match rng.below(10) {
             0..=2 if !draining && self.final_last.is_none() && self.next_id < 200 => {
                 let id = self.next_id;
@@ -257,12 +261,7 @@ impl Server {
         self.sent.extend_from_slice(&f);
     }
     fn act(&mut self, rng: &mut Rng, draining: bool) {
-        let open: Vec<u32> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| !s.mine_ended)
-            .map(|(k, _)| *k)
-            .collect();
+        let open = still_sending(&self.streams);
         match rng.below(10) {
             0..=6 if !open.is_empty() => {
                 let id = open[rng.below(open.len())];
