@@ -210,6 +210,9 @@ impl Holder {
                 }
             };
             let accepted = Instant::now();
+            // A relay passes each read on at once: Nagle's algorithm would hold a small write
+            // (an HTTP/2 frame after the one before) until the client's delayed ACK, 40 ms.
+            let _ = client.set_nodelay(true);
             self.stats.held_total.fetch_add(1, Ordering::Relaxed);
             self.stats.held_now.fetch_add(1, Ordering::Relaxed);
             if let Some(gauge) = &self.in_hand {

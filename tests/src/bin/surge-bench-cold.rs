@@ -13,6 +13,9 @@
 //!   from that probe to the answer (the scaler tells the agents, the holders connect and relay);
 //! - the same burst sent straight to the now warm replica (what the burst costs with nothing cold).
 //!
+//! With `--grpc` the clients are gRPC channels (h2c), one unary call each, to the sample's Echo
+//! service; the warm part (wrk speaks HTTP/1) is left out.
+//!
 //! Warm: wrk against the service address once it is active (the kernel's connect hook sends each
 //! connection straight to the replica), straight to the replica's own address, and through
 //! haproxy, interleaved for several rounds, with their ratios.
@@ -60,6 +63,9 @@ struct Args {
     wrk: PathBuf,
     #[arg(long, default_value = "/usr/sbin/haproxy")]
     haproxy: PathBuf,
+    /// Cold clients are gRPC channels, one unary call each (the warm wrk part is left out).
+    #[arg(long)]
+    grpc: bool,
 }
 
 const MAX_CLIENTS: usize = 10_000;
@@ -112,7 +118,7 @@ fn raise_open_files() -> anyhow::Result<u64> {
     Ok(l.rlim_cur)
 }
 
-fn configure(dir: &Path, services: &[Cold]) -> anyhow::Result<Vec<String>> {
+fn configure(dir: &Path, services: &[Cold], grpc: bool) -> anyhow::Result<Vec<String>> {
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies)?;
     std::fs::write(policies.join("cold.yaml"), POLICY)?;
@@ -126,7 +132,7 @@ fn configure(dir: &Path, services: &[Cold]) -> anyhow::Result<Vec<String>> {
     policy: cold
     replicas: 0
     local:
-      command: [{sample:?}, \"--listen\", \"{{addr}}\", \"--startup-delay\", \"{delay}ms\", \"--ready-file\", {ready:?}]
+      command: [{sample:?}, \"--listen\", \"{{addr}}\", \"--startup-delay\", \"{delay}ms\", \"--ready-file\", {ready:?}{grpc}]
       service_address: \"{address}\"
       readiness: {{tcp: true}}
       drain_timeout: 2s
@@ -136,6 +142,7 @@ fn configure(dir: &Path, services: &[Cold]) -> anyhow::Result<Vec<String>> {
             delay = s.startup.as_millis(),
             ready = dir.join("{replica}.ready").display().to_string(),
             address = s.address,
+            grpc = if grpc { ", \"--grpc\"" } else { "" },
         )?;
     }
     let config = dir.join("surge.yaml");
@@ -150,9 +157,43 @@ fn configure(dir: &Path, services: &[Cold]) -> anyhow::Result<Vec<String>> {
     ])
 }
 
-/// One client: connect, one request with `Connection: close`, read the whole answer. Returns
-/// (start, answered) in Unix nanoseconds.
-async fn client(addr: SocketAddr) -> Result<(i128, i128), String> {
+/// One client: connect, one request, its whole answer. Returns (start, answered) in Unix
+/// nanoseconds.
+async fn client(addr: SocketAddr, grpc: bool) -> Result<(i128, i128), String> {
+    if grpc {
+        grpc_client(addr).await
+    } else {
+        http_client(addr).await
+    }
+}
+
+/// A gRPC channel (h2c) and one unary Echo call on it.
+async fn grpc_client(addr: SocketAddr) -> Result<(i128, i128), String> {
+    use surge_tests::echo::{echo_client::EchoClient, EchoRequest};
+    let start = now_ns();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| format!("endpoint: {e}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let reply = EchoClient::new(channel)
+        .echo(EchoRequest {
+            id: 7,
+            payload: BODY.to_vec(),
+        })
+        .await
+        .map_err(|status| format!("call: {status}"))?
+        .into_inner();
+    let done = now_ns();
+    if reply.id != 7 || reply.payload != BODY {
+        return Err(format!("answer {reply:?}"));
+    }
+    Ok((start, done))
+}
+
+/// An HTTP/1.1 request with `Connection: close`, and the whole answer.
+async fn http_client(addr: SocketAddr) -> Result<(i128, i128), String> {
     let start = now_ns();
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
@@ -173,8 +214,8 @@ async fn client(addr: SocketAddr) -> Result<(i128, i128), String> {
 }
 
 /// `n` clients at once; the timings of those answered and the errors of the others.
-async fn burst(addr: SocketAddr, n: usize) -> (Vec<(i128, i128)>, Vec<String>) {
-    let tasks: Vec<_> = (0..n).map(|_| tokio::spawn(client(addr))).collect();
+async fn burst(addr: SocketAddr, n: usize, grpc: bool) -> (Vec<(i128, i128)>, Vec<String>) {
+    let tasks: Vec<_> = (0..n).map(|_| tokio::spawn(client(addr, grpc))).collect();
     let (mut ok, mut failed) = (Vec::new(), Vec::new());
     for t in tasks {
         match t.await {
@@ -266,8 +307,9 @@ fn cold_run(
     dir: &Path,
     scaler: &Scaler,
     s: &Cold,
+    grpc: bool,
 ) -> anyhow::Result<(ColdRun, SocketAddr)> {
-    let (answered, failed) = rt.block_on(burst(s.address, s.clients));
+    let (answered, failed) = rt.block_on(burst(s.address, s.clients, grpc));
     if let Some(e) = failed.first() {
         eprintln!(
             "  {}: {} of {} clients failed, first: {e}",
@@ -284,7 +326,7 @@ fn cold_run(
     let since = |from: i128| -> Vec<i128> { answered.iter().map(|(_, done)| done - from).collect() };
     let (after_ready, after_probe) = (since(ready_at), since(probed_at));
     // The same burst again, straight to the warm replica.
-    let (direct, direct_failed) = rt.block_on(burst(replica, s.clients));
+    let (direct, direct_failed) = rt.block_on(burst(replica, s.clients, grpc));
     if let Some(e) = direct_failed.first() {
         eprintln!("  {} direct: {} failed, first: {e}", s.name, direct_failed.len());
     }
@@ -318,7 +360,7 @@ fn main() -> anyhow::Result<()> {
         bail!("--rounds 0: must be at least 1");
     }
     for (p, what) in [(&args.wrk, "wrk"), (&args.haproxy, "haproxy")] {
-        if !p.exists() {
+        if !p.exists() && !args.grpc {
             bail!(
                 "{what} is missing at {}: run deploy/setup.sh (it installs wrk and haproxy)",
                 p.display()
@@ -347,7 +389,7 @@ fn main() -> anyhow::Result<()> {
             });
         }
     }
-    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, &services)?);
+    let scaler = Scaler::start(&dir, free_port(), &configure(&dir, &services, args.grpc)?);
     let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
     for s in &services {
         scaler.wait_for(&s.name, "reported at zero", |v| {
@@ -360,16 +402,21 @@ fn main() -> anyhow::Result<()> {
         .build()?;
 
     println!(
-        "surge-bench-cold: bursts of {:?} cold HTTP/1.1 clients (one request each) against a service at zero whose \
+        "surge-bench-cold: bursts of {:?} cold {} against a service at zero whose \
          replica listens {} (+0-99 ms) after it starts; {} rounds, medians",
         args.clients,
+        if args.grpc {
+            "gRPC channels (h2c, one unary call each)"
+        } else {
+            "HTTP/1.1 clients (one request each)"
+        },
         humantime::format_duration(args.startup_delay),
         args.rounds
     );
     let mut runs: Vec<(usize, ColdRun)> = Vec::new();
     let mut warm_target = None;
     for s in &services {
-        let (r, replica) = cold_run(&rt, &dir, &scaler, s)?;
+        let (r, replica) = cold_run(&rt, &dir, &scaler, s, args.grpc)?;
         println!(
             "  {:>5} clients ({}): held {:>5}, failed {} | ready→answer p50 {:>7.2} p99 {:>7.2} ms | probe lag {:>6.2} ms, \
              probe→answer p50 {:>7.2} p99 {:>7.2} ms | warm burst direct p50 {:>7.2} p99 {:>7.2} ms",
@@ -424,6 +471,9 @@ fn main() -> anyhow::Result<()> {
     let Some((name, address, replica)) = warm_target else {
         bail!("no service was activated");
     };
+    if args.grpc {
+        return Ok(());
+    }
     warm(&args, &dir, &scaler, &name, address, replica)
 }
 

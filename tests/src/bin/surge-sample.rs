@@ -127,7 +127,14 @@ async fn main() -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .add_service(EchoServer::new(Sample))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                // As tonic's own listener does: small HTTP/2 frames go out at once, not after
+                // the peer's delayed ACK.
+                tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+                    if let Ok(s) = &s {
+                        let _ = s.set_nodelay(true);
+                    }
+                    s
+                }),
                 shutdown(),
             )
             .await?;
