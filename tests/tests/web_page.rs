@@ -42,6 +42,11 @@ fn the_page_shows_the_counted_requests_and_the_connected_agent() {
         "{row}"
     );
     assert!(row.contains(r#"<span class="sub">observe</span>"#), "{row}");
+    // Nothing was held, so nothing is relayed or has left the path.
+    assert!(
+        row.contains(r#"<td data-field="relayed" data-value="[0,0]">0 / 0</td>"#),
+        "{row}"
+    );
     assert!(
         row.contains(r#"data-field="last_decision">no policy: observed only</td>"#),
         "{row}"
