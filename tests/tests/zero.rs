@@ -9,6 +9,7 @@ use std::{
 };
 
 use surge_tests::{
+    browser::{element, rendered_dom},
     echo::{echo_client::EchoClient, EchoRequest},
     harness::{cleanup_pins, free_port, require_root, scratch, Agent, LocalService, Scaler},
     http_client::{get_text, Connection},
@@ -418,6 +419,22 @@ fn grpc_core_clients_held_while_cold_leave_the_path_and_reconnect_by_themselves(
     scaler.wait_for(name, "every held connection out of the path", |v| {
         v["held_left_path"] == 50 && v["relayed_connections"] == 0
     });
+    // The scaler's web page, in a real browser, says so.
+    let dom = rendered_dom(
+        &format!("http://{}/", scaler.http),
+        &scratch("zero-grpc-core-page"),
+        Duration::from_secs(3),
+    );
+    let row = element(&dom, "tr", &format!(r#"data-service="{name}""#))
+        .unwrap_or_else(|| panic!("no row for {name} in:\n{dom}"));
+    assert!(
+        row.contains(r#"<td data-field="held" data-value="[0,50,0]">0 / 50 / 0</td>"#),
+        "{row}"
+    );
+    assert!(
+        row.contains(r#"<td data-field="relayed" data-value="[0,50]">0 / 50</td>"#),
+        "{row}"
+    );
     // Each channel reconnects by itself for its next call, straight to the replica.
     client.next_round();
     assert_eq!(client.next_line(), "round 2: 50 answered");
