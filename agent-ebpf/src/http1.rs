@@ -4,11 +4,14 @@
 //! and only counted as such.
 
 use aya_ebpf::{
-    bindings::__sk_buff,
+    bindings::{__sk_buff, BPF_NOEXIST},
     helpers::{bpf_ktime_get_ns, bpf_loop, bpf_skb_load_bytes},
     programs::SkBuffContext,
 };
-use core::ffi::c_void;
+use core::{
+    ffi::c_void,
+    intrinsics::{atomic_or, AtomicOrdering},
+};
 use surge_common::{
     http::PREFIX_LEN,
     stream::{Framer, HeadQueue, Side, Starts, CANCEL_IDS, CHUNK, STREAM_IDS},
@@ -78,11 +81,30 @@ fn conn_state(seg: &Segment, service_id: u32) -> Option<&'static mut ConnState> 
         return Some(unsafe { &mut *p });
     }
     let fresh = FRESH_CONN.get(0)?;
-    CONNS.insert(&seg.conn, fresh, 0).ok()?;
+    // Only if still absent: the other direction's first payload may be creating the state on the
+    // other CPU right now (the server's SETTINGS as the client's preface arrives). Replacing it
+    // would throw away what that program framed into it, the preface included, and the
+    // connection's requests would never be counted. Losing the race, this one uses the winner's.
+    let _ = CONNS.insert(&seg.conn, fresh, BPF_NOEXIST as u64);
     // SAFETY: as above.
     let state = CONNS.get_ptr_mut(&seg.conn).map(|p| unsafe { &mut *p })?;
     state.service_id = service_id;
     Some(state)
+}
+
+/// Sets `flag` in the connection's flags; returns whether it was set already. Atomic: the two
+/// directions of a connection run on both CPUs at once, and a plain `|=` of one could undo the
+/// other's (a lost TLS mark would have TLS bytes framed as HTTP).
+#[inline(always)]
+fn set_flag(state: &mut ConnState, flag: u32) -> bool {
+    // The BPF instruction set (cpu v1, "generic") has 64-bit atomics only: the OR is done on the
+    // 8-aligned word whose low half (little-endian) is `flags`; the high half, `spilled`, is ORed
+    // with 0 and so left as it is.
+    const _: () = assert!(core::mem::offset_of!(ConnState, flags) % 8 == 0);
+    let word = &mut state.flags as *mut u32 as *mut u64;
+    // SAFETY: `word` is the 8-aligned 8 bytes `flags` and `spilled` of a live map element.
+    let old = unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, flag as u64) };
+    old as u32 & flag != 0
 }
 
 /// Frames a payload and accounts the messages that started in it.
@@ -99,12 +121,11 @@ fn on_payload(
     let len32 = seg.payload_len as u32;
     let (seen, expected) = match dir {
         Direction::Ingress => {
-            if state.flags & CONN_SEEN_PAYLOAD == 0 {
-                state.flags |= CONN_SEEN_PAYLOAD;
+            if !set_flag(state, CONN_SEEN_PAYLOAD) {
                 let (prefix, len) = load_prefix(ctx, seg)?;
                 // A TLS record header: handshake (22), version 3.x.
                 if len >= 3 && prefix[0] == 0x16 && prefix[1] == 0x03 {
-                    state.flags |= CONN_TLS;
+                    set_flag(state, CONN_TLS);
                     counters::add_u64(&mut c.tls_connections, 1);
                 }
                 state.next_seq_in = seg.seq;
@@ -114,8 +135,7 @@ fn on_payload(
             (true, e)
         }
         Direction::Egress => {
-            let seen = state.flags & CONN_SEEN_EGRESS != 0;
-            state.flags |= CONN_SEEN_EGRESS;
+            let seen = set_flag(state, CONN_SEEN_EGRESS);
             let e = if seen { state.next_seq_out } else { seg.seq };
             state.next_seq_out = advance(e, seg.seq, len32);
             (seen, e)

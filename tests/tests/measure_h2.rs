@@ -599,3 +599,53 @@ fn grpc_unary_calls_are_counted_exactly() {
     );
     drop(target);
 }
+
+/// Many short h2c connections, one request each: the server's SETTINGS leaves as the client's
+/// preface arrives, so the kernel's first sight of each connection comes from both sides at once,
+/// on both CPUs. Every request is counted; none is lost to a connection whose state was created
+/// twice.
+#[test]
+fn http2_connections_whose_both_sides_speak_at_once_are_each_counted() {
+    require_root();
+    let dir = scratch("h2-many");
+    let rt = runtime();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    rt.spawn(h2_server(listener, Duration::ZERO));
+    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2m={addr}")]);
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for("h2m", "first report", |v| v["reported"] == true);
+    scaler.wait_reports(3);
+
+    let (connections, at_once) = (1200usize, 4usize);
+    let answered = rt.block_on(async {
+        let lanes: Vec<_> = (0..at_once)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut ok = 0;
+                    for _ in 0..connections / at_once {
+                        ok += h2_client(addr, 1, 1).await;
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for lane in lanes {
+            ok += lane.await.expect("lane");
+        }
+        ok
+    });
+    assert_eq!(answered, connections);
+    scaler.wait_for("h2m", "every connection closed", |v| {
+        v["connections_closed_total"] == connections
+    });
+    scaler.wait_reports(2);
+    let v = scaler.service("h2m");
+    assert_eq!(count(&v, "connections_opened_total"), connections as u64, "{v}");
+    assert_eq!(count(&v, "requests_total"), connections as u64, "{v}");
+    assert_eq!(count(&v, "responses_total"), connections as u64, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+}
