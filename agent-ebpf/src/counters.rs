@@ -1,7 +1,7 @@
 //! Updates to the per-CPU service counters. Adds are atomic even on per-CPU memory: an ingress
 //! softirq can interrupt an egress program on the same CPU, and a plain read-modify-write would
 //! then lose a count. The BPF target has no `AtomicU64::fetch_add`, so the intrinsic (a BPF
-//! `atomic add` instruction) is used directly.
+//! `atomic add` instruction, whose result is unused: no fetch) is used directly.
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 

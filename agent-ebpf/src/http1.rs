@@ -1,27 +1,23 @@
-//! HTTP/1.x accounting from cgroup_skb: every TCP payload of a watched connection is framed by the
-//! shared [`Framer`] (one per direction), so each request start, pipelined ones included, opens a
-//! request, and each final response start closes the oldest open one. TLS connections are marked
-//! and only counted as such.
+//! HTTP accounting from cgroup_skb: every TCP payload of a watched connection is framed by the
+//! shared [`Framer`] (one per direction), so each request start (pipelined HTTP/1.1 requests and
+//! HTTP/2 streams included) opens a request, and each final response start ends one (see
+//! `inflight`). TLS connections are marked and only counted as such.
 
 use aya_ebpf::{
     bindings::{__sk_buff, BPF_NOEXIST},
-    helpers::{bpf_ktime_get_ns, bpf_loop, bpf_skb_load_bytes},
+    helpers::{bpf_loop, bpf_skb_load_bytes},
     programs::SkBuffContext,
 };
-use core::{
-    ffi::c_void,
-    intrinsics::{atomic_or, AtomicOrdering},
-};
+use core::ffi::c_void;
 use surge_common::{
     http::PREFIX_LEN,
-    stream::{Framer, HeadQueue, Side, Starts, CANCEL_IDS, CHUNK, STREAM_IDS},
-    ConnKey, ConnState, ServiceCounters, StreamKey, CONN_CLIENT, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD,
-    CONN_TLS, START_SLOTS,
+    stream::{Framer, HeadQueue, Side, Starts, CHUNK},
+    ConnState, ServiceCounters, CONN_CLIENT, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD, CONN_TLS,
 };
 
 use crate::{
-    counters,
-    maps::{counters_of, port_watched, service_of, FrameScratch, CONNS, FRAMING, FRESH_CONN, STREAM_STARTS},
+    atomic, counters, inflight,
+    maps::{counters_of, port_watched, service_of, FrameScratch, CONNS, FRAMING, FRESH_CONN},
     packet::{Direction, Segment},
 };
 
@@ -97,14 +93,12 @@ fn conn_state(seg: &Segment, service_id: u32) -> Option<&'static mut ConnState> 
 /// other's (a lost TLS mark would have TLS bytes framed as HTTP).
 #[inline(always)]
 fn set_flag(state: &mut ConnState, flag: u32) -> bool {
-    // The BPF instruction set (cpu v1, "generic") has 64-bit atomics only: the OR is done on the
-    // 8-aligned word whose low half (little-endian) is `flags`; the high half, `spilled`, is ORed
-    // with 0 and so left as it is.
+    // The kernel's atomics are 64-bit: the OR is done on the 8-aligned word whose low half
+    // (little-endian) is `flags`; the high half, `service_id`, is ORed with 0 and left as it is.
     const _: () = assert!(core::mem::offset_of!(ConnState, flags) % 8 == 0);
-    let word = &mut state.flags as *mut u32 as *mut u64;
-    // SAFETY: `word` is the 8-aligned 8 bytes `flags` and `spilled` of a live map element.
-    let old = unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(word, flag as u64) };
-    old as u32 & flag != 0
+    // SAFETY: `flags` and the field after it are the 8 aligned bytes of one live map element.
+    let word = unsafe { &mut *(&mut state.flags as *mut u32 as *mut u64) };
+    atomic::or(word, flag as u64) as u32 & flag != 0
 }
 
 /// Frames a payload and accounts the messages that started in it.
@@ -190,17 +184,17 @@ fn on_payload(
     }
     if starts.messages > 0 {
         match dir {
-            Direction::Ingress => open_requests(state, &seg.conn, starts, c),
-            Direction::Egress => close_requests(state, &seg.conn, starts, c),
+            Direction::Ingress => inflight::open_requests(state, &seg.conn, starts, c),
+            Direction::Egress => inflight::close_requests(state, &seg.conn, starts, c),
         }
     }
     // Resets and probes come from clients: only the request side has them.
     if matches!(dir, Direction::Ingress) {
         if starts.cancel_count > 0 {
-            cancel_requests(state, &seg.conn, starts, c);
+            inflight::cancel_requests(state, &seg.conn, starts, c);
         }
         if starts.late_probes > 0 {
-            end_late_probes(state, starts.late_probes, c);
+            inflight::end_late_probes(state, &seg.conn, starts, starts.late_probes, c);
         }
     }
     Ok(())
@@ -365,343 +359,18 @@ fn load_prefix(ctx: &SkBuffContext, seg: &Segment) -> Result<([u8; PREFIX_LEN], 
     }
 }
 
-/// HTTP/2 streams the client reset (a cancelled call): the server may never end them, so each
-/// that is still open ends now, with no response and no latency.
-#[inline(always)]
-fn cancel_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut ServiceCounters) {
-    let mut i = 0;
-    while i < CANCEL_IDS as u32 {
-        if i >= starts.cancel_count || state.open_requests == 0 {
-            break;
-        }
-        if take_start(state, conn, starts.cancelled(i), false).is_some() {
-            state.open_requests -= 1;
-            let now = now_ns() as i64;
-            counters::add_i64(&mut c.inflight_sign_sum, -1);
-            counters::add_i64(&mut c.inflight_time_sum, -now);
-        }
-        i += 1;
-    }
-}
-
-/// Takes an open request's start: HTTP/2 stream `id`'s own (from the ring, or from
-/// `STREAM_STARTS` for a stream past the ring), or else (with `or_oldest`) the oldest one in the
-/// ring, as HTTP/1.1 answers in order and its ids are all 0. The oldest start moves into the
-/// place of the one taken: only HTTP/1.1 needs the order kept.
-#[inline(always)]
-fn take_start(state: &mut ConnState, conn: &ConnKey, id: u32, or_oldest: bool) -> Option<u64> {
-    if id != 0 && state.spilled > 0 {
-        let key = StreamKey {
-            conn: *conn,
-            stream_id: id,
-        };
-        // SAFETY: the value is copied out at once.
-        if let Some(start) = unsafe { STREAM_STARTS.get(&key) }.copied() {
-            let _ = STREAM_STARTS.remove(&key);
-            state.spilled -= 1;
-            return Some(start);
-        }
-    }
-    if state.stored == 0 {
-        return None;
-    }
-    let oldest = state.oldest as usize & (START_SLOTS - 1);
-    let start = match own_slot(state, id) {
-        Some(own) => {
-            let start = state.starts[own];
-            state.starts[own] = state.starts[oldest];
-            state.stream_ids[own] = state.stream_ids[oldest];
-            start
-        }
-        None if or_oldest => state.starts[oldest],
-        None => return None,
-    };
-    state.oldest = (state.oldest + 1) & (START_SLOTS as u32 - 1);
-    state.stored -= 1;
-    Some(start)
-}
-
-/// The ring slot of the open request of HTTP/2 stream `id` (0: none).
-#[inline(always)]
-fn own_slot(state: &ConnState, id: u32) -> Option<usize> {
-    if id == 0 {
-        return None;
-    }
-    let mut j = 0;
-    while j < START_SLOTS as u32 {
-        if j >= state.stored {
-            break;
-        }
-        let slot = (state.oldest + j) as usize & (START_SLOTS - 1);
-        if state.stream_ids[slot] == id {
-            return Some(slot);
-        }
-        j += 1;
-    }
-    None
-}
-
-#[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: a helper with no arguments and no side effects.
-    unsafe { bpf_ktime_get_ns() }
-}
-
-/// Keeps the start of a request: in the ring while it has room (for HTTP/1.1 only while every
-/// earlier open request has a slot, so the order is kept), else an HTTP/2 stream's in
-/// `STREAM_STARTS`, else, for the first request without a place, in `request_start_ns`.
-#[inline(always)]
-fn keep_start(state: &mut ConnState, conn: &ConnKey, id: u32, now: u64) {
-    let in_order = state.stored == state.open_requests;
-    if state.stored < START_SLOTS as u32 && (in_order || id != 0) {
-        let slot = (state.oldest + state.stored) as usize & (START_SLOTS - 1);
-        state.starts[slot] = now;
-        state.stream_ids[slot] = id;
-        state.stored += 1;
-        return;
-    }
-    if id != 0 {
-        let key = StreamKey {
-            conn: *conn,
-            stream_id: id,
-        };
-        if STREAM_STARTS.insert(&key, &now, 0).is_ok() {
-            state.spilled += 1;
-            return;
-        }
-    }
-    if state.stored + state.spilled == state.open_requests {
-        state.request_start_ns = now;
-    }
-}
-
-/// The requests started in one segment (`starts.messages`), now.
-#[inline(always)]
-fn open_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut ServiceCounters) {
-    let k = starts.messages;
-    let now = now_ns();
-    let mut opened = 0u32;
-    let mut i = 0;
-    while i < STREAM_IDS as u32 {
-        if i >= k {
-            break;
-        }
-        // A probe's request is counted (as a probe) but never open: it is not traffic.
-        if !is_probe(starts, i) {
-            keep_start(state, conn, starts.stream_of(i), now);
-            state.open_requests += 1;
-            opened += 1;
-        }
-        i += 1;
-    }
-    if k > STREAM_IDS as u32 {
-        if state.stored + state.spilled == state.open_requests {
-            state.request_start_ns = now;
-        }
-        state.open_requests += k - STREAM_IDS as u32;
-        opened += k - STREAM_IDS as u32;
-    }
-    counters::add_u64(&mut c.requests, k as u64);
-    counters::add_i64(&mut c.inflight_sign_sum, opened as i64);
-    counters::add_i64(&mut c.inflight_time_sum, now as i64 * opened as i64);
-}
-
-/// How many of a segment's final responses answer probes.
-#[inline(always)]
-fn probe_answers(starts: &Starts) -> u32 {
-    let m = starts.messages;
-    let mask = if m >= 32 { u32::MAX } else { (1u32 << m) - 1 };
-    (starts.probe_mask & mask).count_ones()
-}
-
-/// Whether the `i`th message of a segment is a probe's request, or a final response to one.
-#[inline(always)]
-fn is_probe(starts: &Starts, i: u32) -> bool {
-    i < 32 && starts.probe_mask & (1 << i) != 0
-}
-
-/// Requests opened in earlier segments that turned out to be probes (their `User-Agent` came
-/// later): the newest open ones. Each ends now, with no response and no latency.
-#[inline(always)]
-fn end_late_probes(state: &mut ConnState, n: u32, c: &mut ServiceCounters) {
-    let n = if n > state.open_requests {
-        state.open_requests
-    } else {
-        n
-    };
-    let mut i = 0;
-    while i < 4 {
-        if i >= n {
-            break;
-        }
-        // HTTP/1.1 keeps its starts in order: the newest is the last in the ring, unless it
-        // had no slot.
-        if state.stored > 0 && state.stored + state.spilled == state.open_requests {
-            state.stored -= 1;
-        }
-        state.open_requests -= 1;
-        i += 1;
-    }
-    let ended = i as i64;
-    if ended > 0 {
-        let now = now_ns() as i64;
-        counters::add_i64(&mut c.inflight_sign_sum, -ended);
-        counters::add_i64(&mut c.inflight_time_sum, -(now * ended));
-    }
-}
-
-/// [`Starts::stream_of`] for a loop round's index, bounded where the verifier sees it: the
-/// compiler would test a copy of the index and use another.
-#[inline(always)]
-fn stream_at(starts: &Starts, i: u32) -> u32 {
-    let j = core::hint::black_box(i as usize);
-    if j < STREAM_IDS && (j as u32) < starts.id_count {
-        starts.ids[j]
-    } else {
-        0
-    }
-}
-
-/// What one round of [`close_one`] is given, and what the rounds count.
-#[repr(C)]
-struct CloseLoop {
-    state: *mut ConnState,
-    conn: *const ConnKey,
-    starts: *const Starts,
-    c: *mut ServiceCounters,
-    now: u64,
-    /// Requests ended so far: with their own start, and without one.
-    ended: u32,
-    unslotted: u32,
-}
-
-/// The end of the `i`th message of the segment: its request's own start, else (HTTP/1.1, or an
-/// HTTP/2 id not kept) the oldest, else one of the open requests without a start of their own.
-/// An HTTP/2 end whose stream is not open ends nothing. Returns false past the last end.
-#[inline(always)]
-fn close_at(l: &mut CloseLoop, i: u32) -> bool {
-    // SAFETY: the pointers are the caller's connection state, key, starts and counters, valid
-    // for as long as `l` is.
-    let (state, conn, starts, c) = unsafe { (&mut *l.state, &*l.conn, &*l.starts, &mut *l.c) };
-    if i >= starts.messages {
-        return false;
-    }
-    if is_probe(starts, i) {
-        // A probe's answer ends no request (see `probe_answers`).
-        return true;
-    }
-    if l.ended >= state.open_requests {
-        return false;
-    }
-    let id = stream_at(starts, i);
-    if let Some(start) = take_start(state, conn, id, id == 0) {
-        let latency = l.now.saturating_sub(start);
-        counters::add_u64(&mut c.latency_sum_ns, latency);
-        counters::record_latency(c, latency);
-        l.ended += 1;
-    } else if state.open_requests - l.ended > state.stored + state.spilled {
-        l.unslotted += 1;
-        l.ended += 1;
-    }
-    true
-}
-
-/// One round of the `bpf_loop` in [`close_requests`]; returns 1 to stop the loop.
-#[inline(never)]
-extern "C" fn close_one(i: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: `ctx` is the `CloseLoop` on the caller's stack.
-    let l = unsafe { &mut *(ctx as *mut CloseLoop) };
-    if close_at(l, i) {
-        0
-    } else {
-        1
-    }
-}
-
-/// The final responses (or HTTP/2 stream ends) in one segment (`starts.messages`): each ends
-/// its own stream's request where the stream id is known (HTTP/2 answers in any order), else
-/// the oldest open request (HTTP/1.1 answers in order). An HTTP/2 end whose stream is not open
-/// (it crossed the client's reset, which ended it already) ends nothing and is no response.
-/// Several ends go through a `bpf_loop`, whose round is verified once, however many ends a
-/// segment has.
-#[inline(always)]
-fn close_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c: &mut ServiceCounters) {
-    let mut l = CloseLoop {
-        state: state as *mut ConnState,
-        conn: conn as *const ConnKey,
-        starts: starts as *const Starts,
-        c: c as *mut ServiceCounters,
-        now: now_ns(),
-        ended: 0,
-        unslotted: 0,
-    };
-    if starts.messages == 1 {
-        // One end, as an HTTP/1.1 response segment mostly has: no loop.
-        close_at(&mut l, 0);
-    } else {
-        // SAFETY: the callback only uses `l`, which outlives the call.
-        unsafe {
-            bpf_loop(
-                STREAM_IDS as u32,
-                close_one as *mut c_void,
-                &mut l as *mut CloseLoop as *mut c_void,
-                0,
-            )
-        };
-    }
-    let (now, mut ended, mut unslotted) = (l.now, l.ended, l.unslotted);
-    let answers = probe_answers(starts);
-    if answers > 0 {
-        // Counted as responses, as their requests were as requests.
-        counters::add_u64(&mut c.responses, answers as u64);
-    }
-    if starts.messages > STREAM_IDS as u32 && ended <= state.open_requests {
-        // Ends past the ids kept: each ends an open request without a start of its own.
-        let without = state.open_requests - ended;
-        let rest = starts.messages - STREAM_IDS as u32;
-        let n = if rest < without { rest } else { without };
-        unslotted += n;
-        ended += n;
-    }
-    if ended == 0 || ended > state.open_requests {
-        return;
-    }
-    if unslotted > 0 {
-        let latency = now.saturating_sub(state.request_start_ns);
-        counters::add_u64(&mut c.latency_sum_ns, latency * unslotted as u64);
-        let bucket = surge_common::latency::bucket_of(latency / 1000);
-        if let Some(slot) = c.latency_buckets.get_mut(bucket) {
-            counters::add_u64(slot, unslotted as u64);
-        }
-    }
-    state.open_requests -= ended;
-    if state.open_requests == 0 {
-        state.oldest = 0;
-        state.stored = 0;
-        // Any start left in STREAM_STARTS belongs to no open stream; the LRU drops it.
-        state.spilled = 0;
-    }
-    counters::add_u64(&mut c.responses, ended as u64);
-    counters::add_i64(&mut c.inflight_sign_sum, -(ended as i64));
-    counters::add_i64(&mut c.inflight_time_sum, -(now as i64 * ended as i64));
-}
-
 /// The connection ended: requests still open on it end now, and its state goes. A client
 /// socket's mark stays until sock_ops sees it closed.
 #[inline(always)]
 pub fn close(conn: &surge_common::ConnKey, c: &mut ServiceCounters) {
-    // SAFETY: the values are copied out at once.
-    let state = unsafe { CONNS.get(conn).map(|s| (s.open_requests, s.flags)) };
-    let Some((open, flags)) = state else {
+    let Some(state) = CONNS.get_ptr_mut(conn) else {
         return;
     };
-    if flags & CONN_CLIENT != 0 {
+    // SAFETY: a pointer into the map's value for this connection.
+    let state = unsafe { &mut *state };
+    if atomic::load(&state.flags) & CONN_CLIENT != 0 {
         return;
     }
-    if open > 0 {
-        let now = now_ns() as i64;
-        counters::add_i64(&mut c.inflight_sign_sum, -(open as i64));
-        counters::add_i64(&mut c.inflight_time_sum, -(now * open as i64));
-    }
+    inflight::end_all(state, c);
     let _ = CONNS.remove(conn);
 }

@@ -14,11 +14,13 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod atomic;
 mod balance;
 mod connections;
 mod counters;
 mod cpu;
 mod http1;
+mod inflight;
 mod maps;
 mod packet;
 mod steer;

@@ -271,9 +271,16 @@ where
         .ok_or(KernelError::MissingProgram { name })?
         .try_into()
         .map_err(|source| KernelError::Program { name, source })?;
+    let began = std::time::Instant::now();
     program
         .load_program()
         .map_err(|source| KernelError::Program { name, source })?;
+    // Most of it is the kernel's verifier: the HTTP programs take most of the agent's start.
+    tracing::debug!(
+        program = name,
+        load_ms = began.elapsed().as_millis() as u64,
+        "program loaded"
+    );
     Ok(program)
 }
 

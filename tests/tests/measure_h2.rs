@@ -649,3 +649,36 @@ fn http2_connections_whose_both_sides_speak_at_once_are_each_counted() {
     assert_eq!(count(&v, "responses_total"), connections as u64, "{v}");
     assert_eq!(v["in_flight"], 0, "{v}");
 }
+
+/// One h2c connection under many streams at once, answered at once: the client's streams arrive
+/// on one CPU while the server's answers leave on the other, and both directions update the
+/// connection's open requests. Every request and every response is counted, and none stays in
+/// flight.
+#[test]
+fn http2_streams_opened_and_answered_on_both_cpus_at_once_are_all_counted() {
+    require_root();
+    let dir = scratch("h2-busy");
+    let rt = runtime();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    rt.spawn(h2_server(listener, Duration::ZERO));
+    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2b={addr}")]);
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for("h2b", "first report", |v| v["reported"] == true);
+    scaler.wait_reports(3);
+
+    let n = 40_000;
+    let began = std::time::Instant::now();
+    assert_eq!(rt.block_on(h2_client(addr, n, 32)), n);
+    eprintln!("h2 busy: {n} streams in {:?}", began.elapsed());
+    scaler.wait_for("h2b", "the connection closed", |v| {
+        v["connections_closed_total"] == 1
+    });
+    scaler.wait_reports(2);
+    let v = scaler.service("h2b");
+    assert_eq!(count(&v, "requests_total"), n as u64, "{v}");
+    assert_eq!(count(&v, "responses_total"), n as u64, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+}

@@ -91,33 +91,40 @@ pub struct StreamKey {
 }
 
 /// What the kernel remembers of one HTTP connection between segments.
+///
+/// A connection's two directions are framed by two programs that can run at once on two CPUs
+/// (the client's request arriving as the server's answer leaves). Each framer is written by its
+/// own direction only. The open requests are shared: the client's side opens them, either side
+/// may end them (a response; a client's reset). Every open request is held by exactly one claim
+/// (its bit in `used`, or one unit of `spilled` or of `unslotted`), and ending it means taking
+/// that claim with an atomic instruction: no request ends twice or never, whatever runs at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {
-    /// Start (bpf_ktime_get_ns) of the first open request that has no slot in `starts`.
+    /// Start (bpf_ktime_get_ns) of the first open request that has no start of its own.
     pub request_start_ns: u64,
-    /// Start times of the oldest open requests, a ring from `oldest`; requests end in the order
-    /// they started (HTTP/1.1 answers in order; an HTTP/2 stream's end is matched to the oldest
-    /// open stream).
+    /// Start times of open requests: slot `j` holds one while bit `j` of `used` is set.
     pub starts: [u64; START_SLOTS],
-    /// HTTP/2: the stream id of each start in `starts` (0: unknown, or HTTP/1), so a stream's end
-    /// finds its own start.
+    /// HTTP/2: the stream id of each slot's request (0: HTTP/1), so a stream's end finds its own
+    /// start.
     pub stream_ids: [u32; START_SLOTS],
-    /// Ring index of the oldest start, and how many slots hold one.
-    pub oldest: u32,
-    pub stored: u32,
+    /// Which slots hold an open request. Only the client's side fills a slot (then sets its
+    /// bit); whoever clears the bit ends that request.
+    pub used: u64,
+    /// Open HTTP/2 streams whose start is in `STREAM_STARTS` (a count of claims: the entries
+    /// there only carry the start times).
+    pub spilled: i64,
+    /// Open requests with no start of their own (more than the slots, or a segment with more
+    /// starts than its ids): a count of claims, briefly below zero while a claim is undone.
+    pub unslotted: i64,
     /// The TCP sequence number expected next from the client and from the server: a segment
     /// before it is a retransmission (its bytes were framed already), one after it a gap.
     pub next_seq_in: u32,
     pub next_seq_out: u32,
-    /// Requests started and not yet answered.
-    pub open_requests: u32,
+    /// `CONN_*` bits, set atomically (8-aligned: the kernel's atomics are 64-bit).
+    pub flags: u32,
     /// The service this connection's local endpoint belongs to.
     pub service_id: u32,
-    /// `CONN_*` bits.
-    pub flags: u32,
-    /// HTTP/2 streams of this connection whose start is in `STREAM_STARTS`.
-    pub spilled: u32,
     /// Which open requests are HEAD (their responses have no body), oldest first.
     pub heads: crate::stream::HeadQueue,
     /// HTTP/1 message framing of the client's bytes (requests) and the server's (responses).
