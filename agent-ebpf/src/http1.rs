@@ -12,7 +12,7 @@ use core::ffi::c_void;
 use surge_common::{
     http::PREFIX_LEN,
     stream::{Framer, HeadQueue, Side, Starts, CHUNK},
-    ConnState, ServiceCounters, CONN_CLIENT, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD, CONN_TLS,
+    ConnState, ServiceCounters, CONN_CLIENT, CONN_CLOSED, CONN_SEEN_EGRESS, CONN_SEEN_PAYLOAD, CONN_TLS,
 };
 
 use crate::{
@@ -88,17 +88,19 @@ fn conn_state(seg: &Segment, service_id: u32) -> Option<&'static mut ConnState> 
     Some(state)
 }
 
-/// Sets `flag` in the connection's flags; returns whether it was set already. Atomic: the two
-/// directions of a connection run on both CPUs at once, and a plain `|=` of one could undo the
-/// other's (a lost TLS mark would have TLS bytes framed as HTTP).
+/// Sets `flag` in the connection's flags; returns the flags before. Atomic, and a full barrier:
+/// the two directions of a connection run on both CPUs at once, and a plain `|=` of one could
+/// undo the other's (a lost TLS mark would have TLS bytes framed as HTTP).
 #[inline(always)]
-fn set_flag(state: &mut ConnState, flag: u32) -> bool {
+fn set_flag(state: &mut ConnState, flag: u32) -> u32 {
     // The kernel's atomics are 64-bit: the OR is done on the 8-aligned word whose low half
     // (little-endian) is `flags`; the high half, `service_id`, is ORed with 0 and left as it is.
-    const _: () = assert!(core::mem::offset_of!(ConnState, flags) % 8 == 0);
-    // SAFETY: `flags` and the field after it are the 8 aligned bytes of one live map element.
-    let word = unsafe { &mut *(&mut state.flags as *mut u32 as *mut u64) };
-    atomic::or(word, flag as u64) as u32 & flag != 0
+    const FLAGS: usize = core::mem::offset_of!(ConnState, flags);
+    const _: () = assert!(FLAGS % 8 == 0);
+    // SAFETY: `flags` and the field after it are the 8 aligned bytes at FLAGS of one live map
+    // element.
+    let word = unsafe { &mut *((state as *mut ConnState as *mut u8).add(FLAGS) as *mut u64) };
+    atomic::or(word, flag as u64) as u32
 }
 
 /// Frames a payload and accounts the messages that started in it.
@@ -115,7 +117,7 @@ fn on_payload(
     let len32 = seg.payload_len as u32;
     let (seen, expected) = match dir {
         Direction::Ingress => {
-            if !set_flag(state, CONN_SEEN_PAYLOAD) {
+            if set_flag(state, CONN_SEEN_PAYLOAD) & CONN_SEEN_PAYLOAD == 0 {
                 let (prefix, len) = load_prefix(ctx, seg)?;
                 // A TLS record header: handshake (22), version 3.x.
                 if len >= 3 && prefix[0] == 0x16 && prefix[1] == 0x03 {
@@ -129,7 +131,7 @@ fn on_payload(
             (true, e)
         }
         Direction::Egress => {
-            let seen = set_flag(state, CONN_SEEN_EGRESS);
+            let seen = set_flag(state, CONN_SEEN_EGRESS) & CONN_SEEN_EGRESS != 0;
             let e = if seen { state.next_seq_out } else { seg.seq };
             state.next_seq_out = advance(e, seg.seq, len32);
             (seen, e)
@@ -184,7 +186,14 @@ fn on_payload(
     }
     if starts.messages > 0 {
         match dir {
-            Direction::Ingress => inflight::open_requests(state, &seg.conn, starts, c),
+            Direction::Ingress => {
+                inflight::open_requests(state, &seg.conn, starts, c);
+                // The connection's end may have taken its claims on the other CPU just before
+                // these were added: then they are this program's to end.
+                if set_flag(state, 0) & CONN_CLOSED != 0 {
+                    inflight::end_all(state, c);
+                }
+            }
             Direction::Egress => inflight::close_requests(state, &seg.conn, starts, c),
         }
     }
@@ -368,7 +377,7 @@ pub fn close(conn: &surge_common::ConnKey, c: &mut ServiceCounters) {
     };
     // SAFETY: a pointer into the map's value for this connection.
     let state = unsafe { &mut *state };
-    if atomic::load(&state.flags) & CONN_CLIENT != 0 {
+    if set_flag(state, CONN_CLOSED) & CONN_CLIENT != 0 {
         return;
     }
     inflight::end_all(state, c);

@@ -31,6 +31,9 @@ pub const CONN_SEEN_EGRESS: u32 = 4;
 /// address and port, which only happens while nothing listens there: it is a client, and none
 /// of its traffic is the service's.
 pub const CONN_CLIENT: u32 = 8;
+/// `ConnState::flags`: the connection ended and its open requests were ended with it; a request
+/// opened at the same moment on the other CPU is ended by its opener.
+pub const CONN_CLOSED: u32 = 16;
 
 /// A local endpoint a service listens on. IPv4 addresses are stored IPv4-mapped
 /// (`::ffff:a.b.c.d`); the all-zero address with a port matches any local address on that port.
@@ -115,7 +118,7 @@ pub struct ConnState {
     /// there only carry the start times).
     pub spilled: i64,
     /// Open requests with no start of their own (more than the slots, or a segment with more
-    /// starts than its ids): a count of claims, briefly below zero while a claim is undone.
+    /// starts than its ids): a count of claims.
     pub unslotted: i64,
     /// The TCP sequence number expected next from the client and from the server: a segment
     /// before it is a retransmission (its bytes were framed already), one after it a gap.
