@@ -17,8 +17,10 @@ use surge_common::{
 
 use crate::{atomic, counters, maps::STREAM_STARTS};
 
-/// Ends of one segment matched one by one (the rest end requests without a start of their own).
-const CLOSE_ROUNDS: u32 = STREAM_IDS as u32 + START_SLOTS as u32;
+/// Ends of one segment matched one by one, each a round of a `bpf_loop` (more than a 64 KiB
+/// segment of 9-byte HTTP/2 frames can hold); any past them end requests without a start of
+/// their own, or spilled streams.
+const CLOSE_ROUNDS: u32 = 8192;
 
 /// The `used` bits of all slots.
 const ALL_SLOTS: u64 = (1 << START_SLOTS) - 1;
@@ -375,9 +377,9 @@ struct CloseLoop {
 }
 
 /// The end of the `i`th message of the segment: its request's own start, else (HTTP/1.1, or an
-/// HTTP/2 id not kept) the oldest, else one of the open requests without a start of their own,
-/// else (an HTTP/2 id not kept) any open stream. An HTTP/2 end whose stream is not open ends
-/// nothing. Returns false past the last end.
+/// HTTP/2 id not kept, after a spilled stream) the oldest, else one of the open requests without
+/// a start of their own. An HTTP/2 end whose stream is not open ends nothing. Returns false past
+/// the last end.
 #[inline(always)]
 fn close_at(l: &mut CloseLoop, i: u32) -> bool {
     // SAFETY: the pointers are the caller's connection state, key, starts and counters, valid
@@ -391,6 +393,18 @@ fn close_at(l: &mut CloseLoop, i: u32) -> bool {
         return true;
     }
     let id = stream_at(starts, i);
+    if id == 0 && state.requests.is_h2() {
+        // An HTTP/2 end whose stream id was not kept (past the ids of one segment, so with
+        // dozens of streams open, most of them past the slots): it takes a spilled stream's
+        // claim first, as that stream most likely was one. The units are alike, so whichever
+        // spilled stream ends later by its own id takes the unit left for it: the count stays
+        // exact. Its latency is unknown. Only when no stream is spilled does it take a slot,
+        // which may be another stream's; that one then stays open until the connection ends.
+        if atomic::take_units(&mut state.spilled, 1) == 1 {
+            l.ended += 1;
+            return true;
+        }
+    }
     let pick = if id == 0 { Pick::Oldest } else { Pick::Own };
     if let Some(start) = take_start(state, conn, id, pick) {
         let latency = l.now.saturating_sub(start);
@@ -399,12 +413,6 @@ fn close_at(l: &mut CloseLoop, i: u32) -> bool {
         l.ended += 1;
     } else if atomic::take_units(&mut state.unslotted, 1) == 1 {
         l.unslotted += 1;
-        l.ended += 1;
-    } else if id == 0 && atomic::take_units(&mut state.spilled, 1) == 1 {
-        // An HTTP/2 end whose stream id was not kept (past the ids of one segment): it ends
-        // some open stream, so the count stays right; the stream it really ended keeps its
-        // entry, and that stream's own end, when it comes, finds no claim and ends nothing.
-        // Its latency is unknown.
         l.ended += 1;
     }
     true
@@ -443,7 +451,7 @@ pub fn close_requests(state: &mut ConnState, conn: &ConnKey, starts: &Starts, c:
         // One end, as an HTTP/1.1 response segment mostly has: no loop.
         close_at(&mut l, 0);
     } else {
-        // Ends past the ids kept (id 0) end the oldest open request, like HTTP/1.1's.
+        // Ends past the ids kept (id 0) are matched as `close_at` says.
         let rounds = if starts.messages < CLOSE_ROUNDS {
             starts.messages
         } else {
