@@ -340,27 +340,28 @@ pub fn end_late_probes(
     out_of_flight(c, l.count, now_ns());
 }
 
-/// [`Starts::stream_of`] for a loop round's index, bounded where the verifier sees it: the
-/// compiler would test a copy of the index and use another.
+/// The `i`th of the first `count` ids kept in `ids` (0: none), bounded where the verifier sees
+/// it: the compiler would test a copy of the index and use another.
 #[inline(always)]
-fn stream_at(starts: &Starts, i: u32) -> u32 {
+fn kept_id<const N: usize>(ids: &[u32; N], count: u32, i: u32) -> u32 {
     let j = core::hint::black_box(i as usize);
-    if j < STREAM_IDS && (j as u32) < starts.id_count {
-        starts.ids[j]
+    if j < N && (j as u32) < count {
+        ids[j]
     } else {
         0
     }
 }
 
-/// [`Starts::cancelled`], bounded where the verifier sees it (as [`stream_at`]).
+/// [`Starts::stream_of`] for a loop round's index.
+#[inline(always)]
+fn stream_at(starts: &Starts, i: u32) -> u32 {
+    kept_id(&starts.ids, starts.id_count, i)
+}
+
+/// [`Starts::cancelled`] for a loop round's index.
 #[inline(always)]
 fn cancelled_at(starts: &Starts, i: u32) -> u32 {
-    let j = core::hint::black_box(i as usize);
-    if j < CANCEL_IDS && (j as u32) < starts.cancel_count {
-        starts.cancel_ids[j]
-    } else {
-        0
-    }
+    kept_id(&starts.cancel_ids, starts.cancel_count, i)
 }
 
 /// What one round of [`close_one`] is given, and what the rounds count.

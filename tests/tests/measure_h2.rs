@@ -91,20 +91,31 @@ async fn h2_client(addr: SocketAddr, n: usize, lanes: usize) -> usize {
     ok
 }
 
-#[test]
-fn http2_requests_over_one_connection_are_counted_exactly() {
+/// An [`h2_server`] answering after `delay`, observed as service `name` by a scaler and an agent,
+/// once the agent reports it.
+fn observed_h2_server(
+    test: &str,
+    name: &str,
+    delay: Duration,
+) -> (tokio::runtime::Runtime, SocketAddr, Scaler, Agent) {
     require_root();
-    let dir = scratch("h2");
+    let dir = scratch(test);
     let rt = runtime();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let addr = listener.local_addr().expect("address");
-    rt.spawn(h2_server(listener, Duration::from_millis(20)));
-    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2={addr}")]);
-    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for("h2", "first report", |v| v["reported"] == true);
+    rt.spawn(h2_server(listener, delay));
+    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("{name}={addr}")]);
+    let agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for(name, "first report", |v| v["reported"] == true);
     scaler.wait_reports(3);
+    (rt, addr, scaler, agent)
+}
+
+#[test]
+fn http2_requests_over_one_connection_are_counted_exactly() {
+    let (rt, addr, scaler, _agent) = observed_h2_server("h2", "h2", Duration::from_millis(20));
 
     // 8 closed loops of streams for about 1.3 s: the concurrency is 8 while they run.
     let n = 480;
@@ -606,18 +617,7 @@ fn grpc_unary_calls_are_counted_exactly() {
 /// twice.
 #[test]
 fn http2_connections_whose_both_sides_speak_at_once_are_each_counted() {
-    require_root();
-    let dir = scratch("h2-many");
-    let rt = runtime();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("address");
-    rt.spawn(h2_server(listener, Duration::ZERO));
-    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2m={addr}")]);
-    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for("h2m", "first report", |v| v["reported"] == true);
-    scaler.wait_reports(3);
+    let (rt, addr, scaler, _agent) = observed_h2_server("h2-many", "h2m", Duration::ZERO);
 
     let (connections, at_once) = (1200usize, 4usize);
     let answered = rt.block_on(async {
@@ -656,18 +656,7 @@ fn http2_connections_whose_both_sides_speak_at_once_are_each_counted() {
 /// flight while the connection is still open (its end would hide one that did).
 #[test]
 fn http2_streams_opened_and_answered_on_both_cpus_at_once_are_all_counted() {
-    require_root();
-    let dir = scratch("h2-busy");
-    let rt = runtime();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("address");
-    rt.spawn(h2_server(listener, Duration::ZERO));
-    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2b={addr}")]);
-    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for("h2b", "first report", |v| v["reported"] == true);
-    scaler.wait_reports(3);
+    let (rt, addr, scaler, _agent) = observed_h2_server("h2-busy", "h2b", Duration::ZERO);
 
     let (n, lanes) = (40_000, 32);
     let client = rt.block_on(h2_connect(addr));
