@@ -81,7 +81,7 @@ extern "C" fn take_round(_i: u32, ctx: *mut c_void) -> i64 {
 /// Takes up to `n` units of the count `*word` (open requests that each hold one unit); returns
 /// how many it took. A unit is taken by one caller only, whatever runs at once: the count is
 /// lowered only from the value just read (compare-and-exchange), tried again if another CPU
-/// changed it meanwhile. After a few lost races it takes none: the requests stay open, for a
+/// changed it meanwhile. After 16 lost races it takes none: the requests stay open, for a
 /// later end or the connection's end, rather than end twice. The attempts are the rounds of a
 /// `bpf_loop`, whose round the verifier walks once rather than once per attempt and per caller.
 #[inline(always)]
@@ -97,7 +97,7 @@ pub fn take_units(word: &mut i64, n: u32) -> u32 {
     // SAFETY: the callback only uses `t`, which outlives the call.
     unsafe {
         bpf_loop(
-            4,
+            16,
             take_round as *mut c_void,
             &mut t as *mut Take as *mut c_void,
             0,

@@ -92,7 +92,7 @@ fn conn_state(seg: &Segment, service_id: u32) -> Option<&'static mut ConnState> 
 /// the two directions of a connection run on both CPUs at once, and a plain `|=` of one could
 /// undo the other's (a lost TLS mark would have TLS bytes framed as HTTP).
 #[inline(always)]
-fn set_flag(state: &mut ConnState, flag: u32) -> u32 {
+pub fn set_flag(state: &mut ConnState, flag: u32) -> u32 {
     // The kernel's atomics are 64-bit: the OR is done on the 8-aligned word whose low half
     // (little-endian) is `flags`; the high half, `service_id`, is ORed with 0 and left as it is.
     const FLAGS: usize = core::mem::offset_of!(ConnState, flags);

@@ -12,7 +12,7 @@ use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_loop};
 use core::ffi::c_void;
 use surge_common::{
     stream::{Starts, CANCEL_IDS, STREAM_IDS},
-    ConnKey, ConnState, ServiceCounters, StreamKey, START_SLOTS,
+    ConnKey, ConnState, ServiceCounters, StreamKey, CONN_BLIND, START_SLOTS,
 };
 
 use crate::{atomic, counters, maps::STREAM_STARTS};
@@ -377,9 +377,11 @@ struct CloseLoop {
     unslotted: u32,
 }
 
-/// The end of the `i`th message of the segment: its request's own start, else (HTTP/1.1, or an
-/// HTTP/2 id not kept, after a spilled stream) the oldest, else one of the open requests without
-/// a start of their own. An HTTP/2 end whose stream is not open ends nothing. Returns false past
+/// The end of the `i`th message of the segment. HTTP/1.1 answers in order: it ends the oldest
+/// open request, else one without a start of its own. An HTTP/2 end ends its own stream's
+/// request. If that is not open, the end either crossed the client's reset (it ends nothing)
+/// or its claim was taken blind (see [`take_blind`]); once a connection has had a blind take,
+/// every end takes some claim, so the open count comes back to what it is. Returns false past
 /// the last end.
 #[inline(always)]
 fn close_at(l: &mut CloseLoop, i: u32) -> bool {
@@ -394,29 +396,66 @@ fn close_at(l: &mut CloseLoop, i: u32) -> bool {
         return true;
     }
     let id = stream_at(starts, i);
-    if id == 0 && state.requests.is_h2() {
-        // An HTTP/2 end whose stream id was not kept (past the ids of one segment, so with
-        // dozens of streams open, most of them past the slots): it takes a spilled stream's
-        // claim first, as that stream most likely was one. The units are alike, so whichever
-        // spilled stream ends later by its own id takes the unit left for it: the count stays
-        // exact. Its latency is unknown. Only when no stream is spilled does it take a slot,
-        // which may be another stream's; that one then stays open until the connection ends.
-        if atomic::take_units(&mut state.spilled, 1) == 1 {
-            l.ended += 1;
-            return true;
-        }
+    let h2 = id != 0 || state.requests.is_h2();
+    let own = if h2 {
+        take_start(state, conn, id, Pick::Own)
+    } else {
+        take_slot(state, 0, Pick::Oldest)
+    };
+    if let Some(start) = own {
+        l.record(start);
+        return true;
     }
-    let pick = if id == 0 { Pick::Oldest } else { Pick::Own };
-    if let Some(start) = take_start(state, conn, id, pick) {
-        let latency = l.now.saturating_sub(start);
-        counters::add_u64(&mut c.latency_sum_ns, latency);
-        counters::record_latency(c, latency);
-        l.ended += 1;
-    } else if atomic::take_units(&mut state.unslotted, 1) == 1 {
+    if h2
+        && id != 0
+        && crate::http1::set_flag(state, 0) & CONN_BLIND == 0
+        && atomic::load(&state.unslotted) <= 0
+    {
+        // No blind take yet, and no stream without a start: it crossed the client's reset.
+        return true;
+    }
+    take_blind(l, h2);
+    true
+}
+
+/// An end takes an open request's claim that may not be its own: HTTP/1.1 (in order) or an
+/// HTTP/2 end whose stream id was not kept or whose claim is gone. A request without a start
+/// first, then (HTTP/2) a spilled stream, then the oldest slot. Claims are taken one per end,
+/// so the count stays right; the stream whose claim was taken finds none at its own end, which
+/// then takes another blind. The connection is marked so that it does.
+#[inline(always)]
+fn take_blind(l: &mut CloseLoop, h2: bool) {
+    // SAFETY: as in `close_at`.
+    let state = unsafe { &mut *l.state };
+    if atomic::take_units(&mut state.unslotted, 1) == 1 {
         l.unslotted += 1;
         l.ended += 1;
+    } else if !h2 {
+        return;
+    } else if atomic::take_units(&mut state.spilled, 1) == 1 {
+        // Its latency is unknown.
+        l.ended += 1;
+    } else if let Some(start) = take_slot(state, 0, Pick::Oldest) {
+        l.record(start);
+    } else {
+        return;
     }
-    true
+    if h2 {
+        crate::http1::set_flag(state, CONN_BLIND);
+    }
+}
+
+impl CloseLoop {
+    /// A request ended that started at `start`.
+    #[inline(always)]
+    fn record(&mut self, start: u64) {
+        // SAFETY: the caller's counters, valid for as long as `self` is.
+        let c = unsafe { &mut *self.c };
+        let latency = self.now.saturating_sub(start);
+        counters::add_u64(&mut c.latency_sum_ns, latency);
+        counters::record_latency(c, latency);
+        self.ended += 1;
+    }
 }
 
 /// One round of the `bpf_loop` in [`close_requests`]; returns 1 to stop the loop.

@@ -704,18 +704,21 @@ fn http2_streams_opened_and_answered_on_both_cpus_at_once_are_all_counted() {
     assert_eq!(scaler.service("h2b")["in_flight"], 0);
 }
 
-/// A server answers 60 streams in one write: one segment ends them all, more than the stream ids
-/// the kernel keeps per segment (32). Each end ends one open stream, so all 60 are answered and
-/// none is left in flight on the open connection.
-#[test]
-fn sixty_http2_streams_answered_in_one_segment_all_end() {
+/// A client opens 60 streams in one write (more than the 32 stream ids the kernel keeps per
+/// segment: those past them have no start of their own); a raw server answers them in the given
+/// writes, each one segment. Each end ends one open stream, so all 60 are answered and none is
+/// left in flight on the open connection.
+fn sixty_http2_streams_answered_in(test: &str, writes: Vec<Vec<u32>>) {
     use std::io::{Read, Write};
 
     require_root();
-    let dir = scratch("h2-sixty");
+    let dir = scratch(test);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("address");
     let streams: Vec<u32> = (0..60).map(|i| 1 + 2 * i).collect();
+    let mut answers = writes.concat();
+    answers.sort_unstable();
+    assert_eq!(answers, streams, "every stream answered once");
     let (done, finish) = std::sync::mpsc::channel::<()>();
     let server = std::thread::spawn(move || {
         let (mut c, _) = listener.accept().expect("accept");
@@ -727,18 +730,22 @@ fn sixty_http2_streams_answered_in_one_segment_all_end() {
         c.write_all(&out).expect("server settings");
         let mut buf = Vec::new();
         let opened = read_frames(&mut c, &mut buf, 60);
-        // All the answers in one write, newest first: HEADERS with END_STREAM, `:status 200`.
-        let mut out = Vec::new();
-        for id in opened.iter().rev() {
-            frame(&mut out, 1, 5, *id, &[0x88]);
+        for ids in writes {
+            // HEADERS with END_STREAM, `:status 200`, one write each.
+            let mut out = Vec::new();
+            for id in ids {
+                frame(&mut out, 1, 5, id, &[0x88]);
+            }
+            c.write_all(&out).expect("answers");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        c.write_all(&out).expect("answers");
         finish.recv().expect("finish");
         opened.len()
     });
-    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2s={addr}")]);
+    let name = test.replace('-', "");
+    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("{name}={addr}")]);
     let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
-    scaler.wait_for("h2s", "first report", |v| v["reported"] == true);
+    scaler.wait_for(&name, "first report", |v| v["reported"] == true);
     scaler.wait_reports(3);
 
     let mut c = std::net::TcpStream::connect(addr).expect("connect");
@@ -753,7 +760,7 @@ fn sixty_http2_streams_answered_in_one_segment_all_end() {
     let answered = read_frames(&mut c, &mut buf, 60);
     assert_eq!(answered.len(), 60);
     scaler.wait_reports(3);
-    let v = scaler.service("h2s");
+    let v = scaler.service(&name);
     assert_eq!(count(&v, "connections_closed_total"), 0, "still open: {v}");
     assert_eq!(count(&v, "requests_total"), 60, "{v}");
     assert_eq!(count(&v, "responses_total"), 60, "{v}");
@@ -761,4 +768,22 @@ fn sixty_http2_streams_answered_in_one_segment_all_end() {
     done.send(()).expect("server");
     assert_eq!(server.join().expect("server"), 60);
     drop(c);
+}
+
+/// All 60 answered in one write, newest first.
+#[test]
+fn sixty_http2_streams_answered_in_one_segment_all_end() {
+    let newest_first: Vec<u32> = (0..60).rev().map(|i| 1 + 2 * i).collect();
+    sixty_http2_streams_answered_in("h2-sixty", vec![newest_first]);
+}
+
+/// In two writes, so that ends whose ids the kernel did not keep (past the 32nd of the first
+/// write) take other streams' claims, and streams of the second write then find theirs gone:
+/// first the 28 streams that have no start of their own, the 4 oldest, and 8 more past the ids
+/// kept; then the other 20.
+#[test]
+fn sixty_http2_streams_answered_in_two_segments_all_end() {
+    let ids = |range: std::ops::Range<u32>| range.map(|i| 1 + 2 * i).collect::<Vec<u32>>();
+    let first = [ids(32..60), ids(0..4), ids(4..12)].concat();
+    sixty_http2_streams_answered_in("h2-sixty-two", vec![first, ids(12..32)]);
 }

@@ -34,6 +34,9 @@ pub const CONN_CLIENT: u32 = 8;
 /// `ConnState::flags`: the connection ended and its open requests were ended with it; a request
 /// opened at the same moment on the other CPU is ended by its opener.
 pub const CONN_CLOSED: u32 = 16;
+/// `ConnState::flags`: an HTTP/2 end took a claim that may not have been its stream's, so an
+/// end that finds no claim of its own takes another (see the agent's `inflight`).
+pub const CONN_BLIND: u32 = 32;
 
 /// A local endpoint a service listens on. IPv4 addresses are stored IPv4-mapped
 /// (`::ffff:a.b.c.d`); the all-zero address with a port matches any local address on that port.
