@@ -2,7 +2,8 @@
 //! open and asked for state callbacks; when it reaches TCP_CLOSE it is counted closed, and any
 //! request still open on it ends (so in-flight counts never leak, whatever the packets showed).
 //! A connection made *from* a watched endpoint's address and port (a client that was given that
-//! port while nothing listened on it) is marked as a client, so the packet programs leave it out.
+//! port while nothing listened on it) is marked as a client on its socket, so the packet
+//! programs leave it out.
 
 use aya_ebpf::{
     bindings::{
@@ -17,7 +18,7 @@ use surge_common::{ConnKey, CONN_CLIENT};
 
 use crate::{
     counters, http1,
-    maps::{counters_of, port_watched, service_of, CONNS, FRESH_CONN},
+    maps::{conn_state_of, counters_of, port_watched, service_of},
 };
 
 const AF_INET: u32 = 2;
@@ -41,11 +42,13 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> Result<(), i64> {
     let Some(service_id) = service_of(conn.local_addr, conn.local_port) else {
         return Ok(());
     };
+    // SAFETY: one field of the program's context, read once at its constant offset.
+    let sk = unsafe { read_volatile(addr_of!((*ctx.ops).__bindgen_anon_2.sk)) };
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        mark_client(&conn)?;
-        return ctx
-            .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
-            .map_err(|e| e as i64);
+        // A client's socket, before its first payload: the packet programs leave it out.
+        let state = conn_state_of(sk, true).ok_or(-1i64)?;
+        http1::set_flag(state, CONN_CLIENT);
+        return Ok(());
     }
     let c = counters_of(service_id).ok_or(-1i64)?;
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
@@ -53,24 +56,12 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> Result<(), i64> {
         ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
             .map_err(|e| e as i64)?;
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
-        if http1::is_client(&conn) {
-            let _ = CONNS.remove(&conn);
-        } else {
-            counters::add_u64(&mut c.connections_closed, 1);
-            http1::close(&conn, c);
+        // Only accepted connections asked for state callbacks.
+        counters::add_u64(&mut c.connections_closed, 1);
+        if let Some(state) = conn_state_of(sk, false) {
+            http1::close(state, c);
         }
     }
-    Ok(())
-}
-
-/// Remembers that a connection from a watched endpoint is a client's, before its first payload.
-#[inline(always)]
-fn mark_client(conn: &ConnKey) -> Result<(), i64> {
-    let fresh = FRESH_CONN.get(0).ok_or(-1i64)?;
-    CONNS.insert(conn, fresh, 0)?;
-    let state = CONNS.get_ptr_mut(conn).ok_or(-1i64)?;
-    // SAFETY: a pointer into the map's value for this connection.
-    unsafe { (*state).flags |= CONN_CLIENT };
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! `inflight`). TLS connections are marked and only counted as such.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_NOEXIST},
+    bindings::{__sk_buff, bpf_sock},
     helpers::{bpf_loop, bpf_skb_load_bytes},
     programs::SkBuffContext,
 };
@@ -17,7 +17,7 @@ use surge_common::{
 
 use crate::{
     atomic, counters, inflight,
-    maps::{counters_of, port_watched, service_of, FrameScratch, CONNS, FRAMING, FRESH_CONN},
+    maps::{conn_state_of, counters_of, port_watched, service_of, FrameScratch, FRAMING},
     packet::{Direction, Segment},
 };
 
@@ -35,13 +35,19 @@ pub fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
         return Ok(());
     }
     let seg = Segment::parse(ctx, dir)?;
+    let ends = seg.rst || (seg.fin && matches!(dir, Direction::Egress));
+    if seg.payload_len == 0 && !ends {
+        // A bare acknowledgment: nothing to account.
+        return Ok(());
+    }
     let Some(service_id) = service_of(seg.conn.local_addr, seg.conn.local_port) else {
         return Ok(());
     };
     let c = counters_of(service_id).ok_or(-1i64)?;
+    let sk = socket_of(ctx);
 
     if seg.payload_len > 0 {
-        let state = conn_state(&seg, service_id);
+        let state = conn_state_of(sk, true);
         if matches!(&state, Some(s) if s.flags & CONN_CLIENT != 0) {
             return Ok(());
         }
@@ -55,37 +61,19 @@ pub fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
     }
     // A reset from either side, or the server's FIN, ends the connection and anything still in
     // flight on it. A client's FIN alone is a half-close: its request may still be answered.
-    if seg.rst || (seg.fin && matches!(dir, Direction::Egress)) {
-        close(&seg.conn, c);
+    if ends {
+        if let Some(state) = conn_state_of(sk, false) {
+            close(state, c);
+        }
     }
     Ok(())
 }
 
-/// Whether sock_ops marked the connection as a client's (an active open from a watched endpoint).
+/// The socket a segment belongs to (the server's, or a client's: sock_ops marks those).
 #[inline(always)]
-pub fn is_client(conn: &surge_common::ConnKey) -> bool {
-    // SAFETY: the flags are copied out at once.
-    unsafe { CONNS.get(conn).map(|s| s.flags & CONN_CLIENT != 0) }.unwrap_or(false)
-}
-
-/// The connection's state, created by its first payload either way (a server may speak first:
-/// an HTTP/2 server's SETTINGS can leave before the client's preface arrives).
-#[inline(always)]
-fn conn_state(seg: &Segment, service_id: u32) -> Option<&'static mut ConnState> {
-    if let Some(p) = CONNS.get_ptr_mut(&seg.conn) {
-        // SAFETY: a pointer into the map's value for this connection.
-        return Some(unsafe { &mut *p });
-    }
-    let fresh = FRESH_CONN.get(0)?;
-    // Only if still absent: the other direction's first payload may be creating the state on the
-    // other CPU right now (the server's SETTINGS as the client's preface arrives). Replacing it
-    // would throw away what that program framed into it, the preface included, and the
-    // connection's requests would never be counted. Losing the race, this one uses the winner's.
-    let _ = CONNS.insert(&seg.conn, fresh, BPF_NOEXIST as u64);
-    // SAFETY: as above.
-    let state = CONNS.get_ptr_mut(&seg.conn).map(|p| unsafe { &mut *p })?;
-    state.service_id = service_id;
-    Some(state)
+fn socket_of(ctx: &SkBuffContext) -> *mut bpf_sock {
+    // SAFETY: one field of the program's context, read once at its constant offset.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk)) }
 }
 
 /// Sets `flag` in the connection's flags; returns the flags before. Atomic, and a full barrier:
@@ -94,7 +82,7 @@ fn conn_state(seg: &Segment, service_id: u32) -> Option<&'static mut ConnState> 
 #[inline(always)]
 pub fn set_flag(state: &mut ConnState, flag: u32) -> u32 {
     // The kernel's atomics are 64-bit: the OR is done on the 8-aligned word whose low half
-    // (little-endian) is `flags`; the high half, `service_id`, is ORed with 0 and left as it is.
+    // (little-endian) is `flags`; the high half, `_reserved`, is ORed with 0 and left as it is.
     const FLAGS: usize = core::mem::offset_of!(ConnState, flags);
     const _: () = assert!(FLAGS % 8 == 0);
     // SAFETY: `flags` and the field after it are the 8 aligned bytes at FLAGS of one live map
@@ -263,9 +251,7 @@ fn frame(
     s.starts.probe_mask = 0;
     s.starts.late_probes = 0;
     s.starts.last_start = 0;
-    s.starts.heads.bits = heads.bits;
-    s.starts.heads.len = heads.len;
-    s.starts.heads.probes = heads.probes;
+    copy_heads_in(&mut s.starts.heads, heads);
     s.side = slot;
     let mut l = FrameLoop {
         skb: ctx.skb.skb,
@@ -283,7 +269,9 @@ fn frame(
     if s.generation != generation {
         // Another program on this CPU used the slot meanwhile: this segment's framing is lost.
         framer.lose();
-        framer.settle_heads(side, heads);
+        if matches!(side, Side::Requests) {
+            heads.clear();
+        }
         return None;
     }
     if rounds as u32 >= MAX_ROUNDS && !s.cursor.finished() {
@@ -292,9 +280,7 @@ fn frame(
     }
     copy_framer(framer, &s.framer);
     s.framer.settle_heads(side, &mut s.starts.heads);
-    heads.bits = s.starts.heads.bits;
-    heads.len = s.starts.heads.len;
-    heads.probes = s.starts.heads.probes;
+    copy_heads_out(heads, &s.starts.heads, side);
     // This CPU's slot for this direction: read by the caller before the program ends, and a
     // nested program uses the other slot.
     Some(&s.starts)
@@ -312,6 +298,48 @@ fn copy_framer(dst: &mut Framer, src: &Framer) {
         // merging the loop back into a memcpy call.
         unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
         i += 1;
+    }
+}
+
+/// Copies the connection's open requests into the scratch, a word at a time.
+#[inline(always)]
+fn copy_heads_in(dst: &mut HeadQueue, src: &HeadQueue) {
+    const WORDS: usize = core::mem::size_of::<HeadQueue>() / 8;
+    const _: () =
+        assert!(core::mem::size_of::<HeadQueue>() % 8 == 0 && core::mem::align_of::<HeadQueue>() == 8);
+    let (d, s) = (
+        dst as *mut HeadQueue as *mut u64,
+        src as *const HeadQueue as *const u64,
+    );
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: both point to a whole, 8-aligned HeadQueue; volatile, as in `copy_framer`.
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
+
+/// Writes back what this side of the connection changed in its open requests, and nothing
+/// else: the other side may be changing its own fields on the other CPU right now. The request
+/// side writes `pushed`, `forgotten` and the tags; the response side `popped`.
+#[inline(always)]
+fn copy_heads_out(dst: &mut HeadQueue, src: &HeadQueue, side: Side) {
+    // SAFETY: plain stores of fields of a live map value, each with one writer.
+    unsafe {
+        match side {
+            Side::Requests => {
+                core::ptr::write_volatile(&mut dst.pushed, src.pushed);
+                core::ptr::write_volatile(&mut dst.forgotten, src.forgotten);
+                let words = core::mem::size_of_val(&src.tags) / 8;
+                let (d, s) = (dst.tags.as_mut_ptr() as *mut u64, src.tags.as_ptr() as *const u64);
+                let mut i = 0;
+                while i < words {
+                    core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i)));
+                    i += 1;
+                }
+            }
+            Side::Responses => core::ptr::write_volatile(&mut dst.popped, src.popped),
+        }
     }
 }
 
@@ -368,18 +396,14 @@ fn load_prefix(ctx: &SkBuffContext, seg: &Segment) -> Result<([u8; PREFIX_LEN], 
     }
 }
 
-/// The connection ended: requests still open on it end now, and its state goes. A client
-/// socket's mark stays until sock_ops sees it closed.
+/// The connection ended: requests still open on it end now. Its state stays on the socket,
+/// marked closed, until the kernel frees the socket: a segment framed after this one (a
+/// retransmission, a late request) finds the mark and ends what it opens. A client's socket
+/// has nothing in flight.
 #[inline(always)]
-pub fn close(conn: &surge_common::ConnKey, c: &mut ServiceCounters) {
-    let Some(state) = CONNS.get_ptr_mut(conn) else {
-        return;
-    };
-    // SAFETY: a pointer into the map's value for this connection.
-    let state = unsafe { &mut *state };
+pub fn close(state: &mut ConnState, c: &mut ServiceCounters) {
     if set_flag(state, CONN_CLOSED) & CONN_CLIENT != 0 {
         return;
     }
     inflight::end_all(state, c);
-    let _ = CONNS.remove(conn);
 }

@@ -1,13 +1,17 @@
 //! Every map of the kernel programs, and the lookups they share.
 
 use aya_ebpf::{
-    macros::map,
+    bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
+    btf_maps::SkStorage,
+    helpers::bpf_sk_storage_get,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
+use core::ffi::c_void;
 use surge_common::{
     stream::{Cursor, Framer, Starts},
-    ConnKey, ConnState, EndpointKey, ServiceCounters, StreamKey, MAX_CGROUPS, MAX_CONNECTIONS, MAX_ENDPOINTS,
-    MAX_SERVICES, MAX_SPILLED_STREAMS, WATCHED_PORT_WORDS,
+    ConnState, EndpointKey, ServiceCounters, StreamKey, MAX_CGROUPS, MAX_ENDPOINTS, MAX_SERVICES,
+    MAX_SPILLED_STREAMS, WATCHED_PORT_WORDS,
 };
 
 /// Watched local endpoints → service id. Written by the agent.
@@ -36,20 +40,45 @@ pub static CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_CGROUPS, 0
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<ServiceCounters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
-/// HTTP state of each watched connection, by 4-tuple from the server's side.
-#[map(name = "CONNS")]
-pub static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(MAX_CONNECTIONS, 0);
+/// HTTP state of each watched connection, kept on the server's socket (socket-local storage):
+/// one pointer away from the socket the packet programs are given, allocated only for
+/// connections that carry payload to a watched endpoint, and freed by the kernel with the
+/// socket, so no table fills up, no entry outlives its connection, and none is reused while a
+/// program still holds it.
+#[btf_map]
+pub static CONN_STATES: SkStorage<ConnState> = SkStorage::new();
+
+/// The state kept on socket `sk` (a program context's socket; null when there is none), created
+/// all zero first if `create` and the socket is a full, live one.
+#[inline(always)]
+pub fn conn_state_of(sk: *mut bpf_sock, create: bool) -> Option<&'static mut ConnState> {
+    if sk.is_null() {
+        return None;
+    }
+    let map = &CONN_STATES as *const SkStorage<ConnState> as *mut c_void;
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE as u64
+    } else {
+        0
+    };
+    // SAFETY: a socket the verifier knows non-null; the helper returns this socket's value of
+    // the map, or null.
+    let mut p = unsafe { bpf_sk_storage_get(map, sk as *mut c_void, core::ptr::null_mut(), flags) };
+    if p.is_null() && create {
+        // The other direction's first payload created it on the other CPU just now (the
+        // server's SETTINGS as the client's preface arrives): this one uses the winner's.
+        // SAFETY: as above.
+        p = unsafe { bpf_sk_storage_get(map, sk as *mut c_void, core::ptr::null_mut(), 0) };
+    }
+    // SAFETY: the socket's value, valid while the program runs (freed after an RCU grace period).
+    (!p.is_null()).then(|| unsafe { &mut *(p as *mut ConnState) })
+}
 
 /// Starts (bpf_ktime_get_ns) of HTTP/2 streams open past their connection's slots, so that a
 /// gRPC channel with many calls at once gets each one's latency, and a reset ends the right one.
 /// Least recently used entries go first: those of connections that closed with streams open.
 #[map(name = "STREAM_STARTS")]
 pub static STREAM_STARTS: LruHashMap<StreamKey, u64> = LruHashMap::with_max_entries(MAX_SPILLED_STREAMS, 0);
-
-/// One all-zero connection state, never written: new CONNS entries are copied from it rather
-/// than from a value built on the stack, which the verifier's 512-byte limit makes scarce.
-#[map(name = "FRESH_CONN")]
-pub static FRESH_CONN: Array<ConnState> = Array::with_max_entries(1, 0);
 
 /// When this CPU last switched tasks (bpf_ktime_get_ns).
 #[map(name = "LAST_SWITCH")]

@@ -96,6 +96,12 @@ impl Connection {
         self.read_response()
     }
 
+    /// A second handle on the connection's socket, to write requests from another thread while
+    /// this one reads the answers.
+    pub fn writer(&self) -> Result<TcpStream, HttpError> {
+        Ok(self.reader.get_ref().try_clone()?)
+    }
+
     /// Writes raw bytes (pipelined or hand-framed requests); read the answers with
     /// [`Connection::read_response`].
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), HttpError> {

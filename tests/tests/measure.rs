@@ -395,6 +395,67 @@ fn head_requests_answered_with_a_content_length_are_counted_exactly() {
     drop(c);
 }
 
+/// HEAD and GET requests pipelined on 8 connections while their answers flow back: each
+/// connection's request side and response side then run at once on both CPUs. Both keep the
+/// connection's queue of open requests (which are HEAD); if one side's update of it could undo
+/// the other's, a HEAD answer would be framed as if its 5000-byte body followed, and the
+/// answers after it would go uncounted.
+#[test]
+fn head_requests_pipelined_while_answers_flow_are_counted_exactly() {
+    let rig = Rig::start("head-flow");
+    let (head, get) = (
+        b"HEAD /bytes?n=5000 HTTP/1.1\r\nHost: t\r\n\r\n".as_slice(),
+        b"GET /bytes?n=5000 HTTP/1.1\r\nHost: t\r\n\r\n".as_slice(),
+    );
+    let order = [true, false, true];
+    let batch: Vec<u8> = order
+        .iter()
+        .flat_map(|&h| if h { head } else { get })
+        .copied()
+        .collect();
+    // Batches written ahead of the answers read: at most 12 requests open, all remembered.
+    let (connections, batches, ahead) = (8, 400, 4);
+    let handles: Vec<_> = (0..connections)
+        .map(|_| {
+            let (addr, batch) = (rig.web.addr, batch.clone());
+            std::thread::spawn(move || {
+                let mut c = Connection::open(addr).expect("connect");
+                let mut w = c.writer().expect("writer");
+                let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<()>(ahead);
+                let writer = std::thread::spawn(move || {
+                    for _ in 0..batches {
+                        read_tx.send(()).expect("reader alive");
+                        w.write_all(&batch).expect("send");
+                    }
+                });
+                for _ in 0..batches {
+                    for &is_head in &order {
+                        let r = if is_head {
+                            c.read_head_response()
+                        } else {
+                            c.read_response()
+                        }
+                        .expect("answer");
+                        assert_eq!(r.status, 200);
+                    }
+                    read_rx.recv().expect("writer alive");
+                }
+                writer.join().expect("writer");
+                c
+            })
+        })
+        .collect();
+    // Counted while the connections are still open: a misframed answer would leave requests
+    // in flight until they close.
+    let open: Vec<Connection> = handles.into_iter().map(|h| h.join().expect("client")).collect();
+    let total = (connections * batches * order.len()) as u64;
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), total, "{v}");
+    assert_eq!(count(&v, "responses_total"), total, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+    drop(open);
+}
+
 #[test]
 fn pipelined_requests_are_counted_one_by_one() {
     let rig = Rig::start("pipelining");

@@ -6,8 +6,6 @@ use crate::{latency::LATENCY_BUCKETS, stream::Framer};
 pub const MAX_SERVICES: u32 = 256;
 /// How many watched endpoints (address, port) one agent can hold.
 pub const MAX_ENDPOINTS: u32 = 16384;
-/// How many tracked TCP connections (by 4-tuple) the kernel keeps state for (LRU).
-pub const MAX_CONNECTIONS: u32 = 262_144;
 /// Words of the watched-port bitmap: 64 ports each.
 pub const WATCHED_PORT_WORDS: u32 = 65536 / 64;
 /// How many cgroups (a service's replicas and their descendants) can be attributed.
@@ -129,8 +127,9 @@ pub struct ConnState {
     pub next_seq_out: u32,
     /// `CONN_*` bits, set atomically (8-aligned: the kernel's atomics are 64-bit).
     pub flags: u32,
-    /// The service this connection's local endpoint belongs to.
-    pub service_id: u32,
+    /// Unused: the upper half of the 8-byte word the kernel sets `flags` in (its atomics are
+    /// 64-bit).
+    pub _reserved: u32,
     /// Which open requests are HEAD (their responses have no body), oldest first.
     pub heads: crate::stream::HeadQueue,
     /// HTTP/1 message framing of the client's bytes (requests) and the server's (responses).

@@ -162,65 +162,127 @@ impl Starts {
     }
 }
 
-/// A bit per open request, oldest first: 1 for a HEAD request, whose response has headers
-/// (a Content-Length, even) but never a body (RFC 9110 §9.3.2); and another for a health probe,
-/// whose answer ends no request (a probe is not traffic). The first 32 open requests are
-/// remembered; later ones count as neither until older ones are answered.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The open requests of a connection, oldest first, each with two marks: a HEAD request, whose
+/// response has headers (a Content-Length, even) but never a body (RFC 9110 §9.3.2); and a
+/// health probe, whose answer ends no request (a probe is not traffic).
+///
+/// The kernel frames a connection's two directions on two CPUs at once, so each field has one
+/// writer: the request side writes `pushed`, `forgotten` and `tags`; the response side writes
+/// `popped`. Each side works on a copy and writes back only its own fields. A request is
+/// remembered when fewer than [`HEAD_MEMORY`] are open at its start; later ones count as
+/// neither mark until older ones are answered.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadQueue {
-    pub bits: u32,
-    /// Open requests, also those beyond the 32 bits.
-    pub len: u32,
-    pub probes: u32,
+    /// Requests started on the connection (wrapping).
+    pub pushed: u32,
+    /// Final responses that took their request's marks (wrapping).
+    pub popped: u32,
+    /// Requests before this one were forgotten (the request stream was lost): their answers
+    /// take no marks.
+    pub forgotten: u32,
     pub _pad: u32,
+    /// Request `n`'s marks are in `tags[n % 64]`: its lap `(n / 64) % 64` in the low six bits
+    /// (a tag of an older lap is not this request's), [`TAG_HEAD`] and [`TAG_PROBE`].
+    pub tags: [u8; HEAD_RING],
+}
+
+/// Open requests whose marks are remembered.
+pub const HEAD_MEMORY: u32 = 32;
+/// Positions in [`HeadQueue::tags`]: twice [`HEAD_MEMORY`], so that a tag is written only once
+/// the request 64 before it has been answered.
+const HEAD_RING: usize = 64;
+const TAG_LAP: u8 = 0x3f;
+const TAG_HEAD: u8 = 0x40;
+const TAG_PROBE: u8 = 0x80;
+
+impl Default for HeadQueue {
+    fn default() -> Self {
+        Self {
+            pushed: 0,
+            popped: 0,
+            forgotten: 0,
+            _pad: 0,
+            tags: [0; HEAD_RING],
+        }
+    }
 }
 
 impl HeadQueue {
-    /// A request started.
+    /// The lap tag of request `n`.
+    #[inline(always)]
+    fn lap(n: u32) -> u8 {
+        ((n / HEAD_RING as u32) as u8) & TAG_LAP
+    }
+
+    /// The first request whose answer is still to come.
+    #[inline(always)]
+    fn oldest(&self) -> u32 {
+        // The later of the two, in wrapping order.
+        if (self.forgotten.wrapping_sub(self.popped) as i32) > 0 {
+            self.forgotten
+        } else {
+            self.popped
+        }
+    }
+
+    /// Requests open, as this copy knows them (on the request side, `popped` may be older).
+    #[inline(always)]
+    pub fn open(&self) -> u32 {
+        self.pushed.wrapping_sub(self.oldest())
+    }
+
+    /// A request started. Request side.
     #[inline(always)]
     pub fn push(&mut self, head: bool) {
-        if self.len < 32 {
-            let bit = 1u32 << self.len;
-            if head {
-                self.bits |= bit;
-            }
-            self.probes &= !bit;
+        let n = self.pushed;
+        let tag = if head { TAG_HEAD } else { 0 };
+        // An open count from an older `popped` is only ever too high: a request may be left
+        // unremembered, never one remembered over a tag still to be read.
+        let remembered = self.open() < HEAD_MEMORY;
+        let i = n as usize & (HEAD_RING - 1);
+        if remembered {
+            self.tags[i] = Self::lap(n) | tag;
+        } else if self.open() < HEAD_RING as u32 {
+            // Request n - 64 was answered: its tag goes, so that it is not taken for this one's.
+            self.tags[i] = Self::lap(n).wrapping_add(1) & TAG_LAP;
         }
-        self.len = self.len.saturating_add(1);
+        self.pushed = n.wrapping_add(1);
     }
 
     /// The newest open request is a health probe. False when the queue cannot remember it
-    /// (no open request, or more than 32).
+    /// (no open request, or it was not remembered). Request side.
     #[inline(always)]
     pub fn mark_probe(&mut self) -> bool {
         // Without branches: the kernel's framing round is verified path by path.
-        let newest = self.len.wrapping_sub(1);
-        let known = (newest < 32) as u32;
-        self.probes |= known << (newest & 31);
+        let newest = self.pushed.wrapping_sub(1);
+        let i = newest as usize & (HEAD_RING - 1);
+        let tag = self.tags[i];
+        let known = ((self.open() != 0) & (tag & TAG_LAP == Self::lap(newest))) as u8;
+        self.tags[i] = tag | (known << 7);
         known != 0
     }
 
     /// A final response started: whether it answers a HEAD request, and whether a probe.
+    /// Response side.
     #[inline(always)]
     pub fn pop(&mut self) -> (bool, bool) {
-        if self.len == 0 {
+        let n = self.oldest();
+        if n == self.pushed {
             return (false, false);
         }
-        let head = self.bits & 1 != 0;
-        let probe = self.probes & 1 != 0;
-        self.bits >>= 1;
-        self.probes >>= 1;
-        self.len -= 1;
-        (head, probe)
+        let tag = self.tags[n as usize & (HEAD_RING - 1)];
+        self.popped = n.wrapping_add(1);
+        if tag & TAG_LAP != Self::lap(n) {
+            return (false, false);
+        }
+        (tag & TAG_HEAD != 0, tag & TAG_PROBE != 0)
     }
 
-    /// The request stream was lost: which requests are open is no longer known.
+    /// The request stream was lost: which requests are open is no longer known. Request side.
     #[inline(always)]
     pub fn clear(&mut self) {
-        self.bits = 0;
-        self.len = 0;
-        self.probes = 0;
+        self.forgotten = self.pushed;
     }
 }
 

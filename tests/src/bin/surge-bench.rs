@@ -86,10 +86,27 @@ fn peak_rss(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Kernel memory held by the BPF maps a process has open, bytes: the sum of their `memlock`.
+fn map_memory(pid: u32) -> u64 {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    fds.filter_map(|fd| std::fs::read_to_string(fd.ok()?.path()).ok())
+        .filter(|info| info.lines().any(|l| l.starts_with("map_type:")))
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 struct AgentRun {
     wrk: WrkResult,
     cpu_seconds: f64,
     peak_rss: u64,
+    /// Kernel memory of the agent's maps.
+    map_memory: u64,
     counted: u64,
     /// With `measure_kernel`: what each kernel program cost during the wrk run.
     kernel: Vec<ProgramCost>,
@@ -133,6 +150,7 @@ fn with_agent(
     let kernel = kernel_cost::delta(&k0, &kernel_cost::surge_programs_since(&programs_before));
     drop(stats);
     let peak = peak_rss(pid);
+    let maps = map_memory(pid);
     // Let the last report in, then count what the agent saw of wrk's requests.
     scaler.wait_reports(2);
     let after = scaler.service("web")["requests_total"].as_u64().unwrap_or(0);
@@ -142,6 +160,7 @@ fn with_agent(
         wrk,
         cpu_seconds: cpu1 - cpu0,
         peak_rss: peak,
+        map_memory: maps,
         counted: after.saturating_sub(before),
         kernel,
     })
@@ -252,6 +271,7 @@ fn main() -> anyhow::Result<()> {
     let (vs_none, vs_proxy) = (paired(&none), paired(&proxied));
     let none_vs_proxy = median(none.iter().zip(&proxied).map(|(n, p)| n.rps / p.rps).collect());
     let rss = agent.iter().map(|a| a.peak_rss).max().unwrap_or(0);
+    let maps = agent.iter().map(|a| a.map_memory).max().unwrap_or(0);
     println!();
     println!("median of {} rounds         throughput      p99", args.rounds);
     println!("  none (no agent)        {n_rps:>10.0} req/s {n_p99:>7.2} ms");
@@ -273,11 +293,13 @@ fn main() -> anyhow::Result<()> {
         n_rps / p_rps
     );
     println!(
-        "  agent's own cost       {cpu:.3} CPU s per {}s run ({:.2} % of a core), peak RSS {:.1} MiB \
-         (its kernel programs run in the server's and wrk's context: their cost is in agent / none)",
+        "  agent's own cost       {cpu:.3} CPU s per {}s run ({:.2} % of a core), peak RSS {:.1} MiB, \
+         kernel maps {:.1} MiB (its kernel programs run in the server's and wrk's context: their cost is in \
+         agent / none)",
         args.duration.as_secs(),
         100.0 * cpu / args.duration.as_secs_f64(),
-        rss as f64 / (1 << 20) as f64
+        rss as f64 / (1 << 20) as f64,
+        maps as f64 / (1 << 20) as f64
     );
     let exact = agent.iter().all(|a| a.counted >= a.wrk.requests);
     println!(

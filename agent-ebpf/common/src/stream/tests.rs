@@ -490,7 +490,7 @@ fn head_case(seed: u64) {
     }
     assert_eq!((sent, answered), (n, n), "seed {seed}");
     assert_eq!(fr.phase, START, "seed {seed}: ends between responses");
-    assert_eq!(heads, HeadQueue::default(), "seed {seed}: every HEAD answered");
+    assert_eq!(heads.open(), 0, "seed {seed}: every HEAD answered");
 }
 
 #[test]
@@ -510,7 +510,11 @@ fn a_head_response_has_no_body_whatever_its_content_length() {
         MAX_ROUNDS,
         &mut heads,
     );
-    assert_eq!((sent.messages, heads.len, heads.bits), (2, 2, 0b01));
+    assert_eq!((sent.messages, heads.open()), (2, 2));
+    let (mut first, mut second) = (heads, heads);
+    assert_eq!(first.pop(), (true, false), "the first is HEAD");
+    second.pop();
+    assert_eq!(second.pop(), (false, false), "the second is not");
     let mut f = Framer::new();
     let got = f.feed_carrying(
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
@@ -520,7 +524,7 @@ fn a_head_response_has_no_body_whatever_its_content_length() {
     );
     assert_eq!(got.messages, 2);
     assert_eq!(f.phase, START);
-    assert_eq!(heads, HeadQueue::default());
+    assert_eq!(heads.open(), 0);
 }
 
 #[test]
@@ -534,6 +538,94 @@ fn the_head_queue_keeps_order_beyond_its_32_bits() {
     let expected: Vec<bool> = (0..40).map(|i| i < 32 && i % 2 == 0).collect();
     assert_eq!(popped, expected);
     assert_eq!(q.pop(), (false, false), "an empty queue says no");
+}
+
+/// What the kernel's request side writes back of its copy of the queue (`copy_heads_out`).
+fn write_back_requests(shared: &mut HeadQueue, copy: &HeadQueue) {
+    shared.pushed = copy.pushed;
+    shared.forgotten = copy.forgotten;
+    shared.tags = copy.tags;
+}
+
+/// What the kernel's response side writes back.
+fn write_back_responses(shared: &mut HeadQueue, copy: &HeadQueue) {
+    shared.popped = copy.popped;
+}
+
+/// The two sides take their copies at once, work on them, and write back in either order, as
+/// the kernel's two directions do on two CPUs: every answer still gets its own request's marks,
+/// in order. With the whole queue written back by both sides, as before, one side's update
+/// undid the other's.
+fn both_sides_at_once_case(seed: u64) {
+    let mut r = Rng(seed);
+    let mut shared = HeadQueue::default();
+    // The model: marks of the requests written back and not yet answered, oldest first.
+    let mut open = std::collections::VecDeque::new();
+    for _ in 0..200 {
+        let mut requests = shared;
+        let mut responses = shared;
+        // Requests: a few start (at most 12 open, all remembered), the newest maybe a probe.
+        let mut started = Vec::new();
+        for _ in 0..r.below(4) {
+            if open.len() + started.len() >= 12 {
+                break;
+            }
+            let head = r.below(2) == 0;
+            requests.push(head);
+            started.push((head, false));
+        }
+        if let Some(newest) = started.last_mut() {
+            if r.below(3) == 0 {
+                assert!(requests.mark_probe(), "seed {seed}");
+                newest.1 = true;
+            }
+        }
+        // Answers: only to requests whose start was written back before (causality).
+        for _ in 0..r.below(4).min(open.len() as u64) {
+            let expected = open.pop_front().expect("open");
+            assert_eq!(responses.pop(), expected, "seed {seed}");
+        }
+        if r.below(2) == 0 {
+            write_back_requests(&mut shared, &requests);
+            write_back_responses(&mut shared, &responses);
+        } else {
+            write_back_responses(&mut shared, &responses);
+            write_back_requests(&mut shared, &requests);
+        }
+        open.extend(started);
+        assert_eq!(shared.open() as usize, open.len(), "seed {seed}");
+    }
+}
+
+#[test]
+fn the_head_queue_keeps_each_sides_updates_when_both_run_at_once() {
+    for seed in 0..20_000 {
+        both_sides_at_once_case(seed);
+    }
+}
+
+#[test]
+fn a_forgotten_queue_gives_no_marks_to_the_answers_of_its_requests() {
+    let mut q = HeadQueue::default();
+    q.push(true);
+    q.push(true);
+    q.clear();
+    assert_eq!(q.open(), 0);
+    assert_eq!(q.pop(), (false, false), "nothing is known to be open");
+    q.push(true);
+    assert_eq!(q.pop(), (true, false), "a request after the loss is remembered");
+}
+
+#[test]
+fn a_request_past_the_remembered_ones_is_never_given_an_older_ones_marks() {
+    let mut q = HeadQueue::default();
+    // 64 HEAD requests open, then 64 more that are not remembered, one lap later.
+    for _ in 0..128 {
+        q.push(true);
+    }
+    let marks: Vec<(bool, bool)> = (0..128).map(|_| q.pop()).collect();
+    let expected: Vec<(bool, bool)> = (0..128).map(|i| (i < 32, false)).collect();
+    assert_eq!(marks, expected);
 }
 
 #[test]

@@ -87,7 +87,7 @@ impl Exit {
                 let answers_all = at_start
                     && starts.messages == 1
                     && starts.interim == 0
-                    && self.open.len == 0
+                    && self.open.open() == 0
                     && self.requests.phase == START;
                 if answers_all && is_final(data) {
                     if let Some(marked) = with_close(data) {
@@ -100,7 +100,7 @@ impl Exit {
                     }
                 }
             }
-            Phase::Marked if self.responses.phase == START && self.open.len == 0 => {
+            Phase::Marked if self.responses.phase == START && self.open.open() == 0 => {
                 self.phase = Phase::Done;
             }
             _ => {}
