@@ -17,7 +17,10 @@ use surge_common::{
 
 use crate::{
     atomic, counters, inflight,
-    maps::{conn_state_of, counters_of, port_watched, service_of, FrameScratch, FRAMING},
+    maps::{
+        conn_state_of, counters_of, handshake_state_of, is_listening, port_watched, service_of, FrameScratch,
+        FRAMING, HANDSHAKE_CONNS, HANDSHAKE_PROGRAM,
+    },
     packet::{Direction, Segment},
 };
 
@@ -28,6 +31,19 @@ const MAX_ROUNDS: u32 = 8192;
 /// Looks a segment's local endpoint up, then accounts its payload and flags to the service.
 #[inline(always)]
 pub fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
+    observe_on::<false>(ctx, dir)
+}
+
+/// [`observe`] for an arriving segment the kernel filtered on a listening socket: the last
+/// packet of a handshake, with the connection's first payload. A program of its own (reached by
+/// a tail call), so that the verifier walks each program with one kind of state pointer.
+#[inline(always)]
+pub fn observe_handshake(ctx: &SkBuffContext) -> Result<(), i64> {
+    observe_on::<true>(ctx, Direction::Ingress)
+}
+
+#[inline(always)]
+fn observe_on<const HANDSHAKE: bool>(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
     // The socket's own local port (a context field, no packet read): most traffic stops here.
     // SAFETY: one field of the program's context, read once at its constant offset.
     let port = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).local_port)) };
@@ -45,31 +61,45 @@ pub fn observe(ctx: &SkBuffContext, dir: Direction) -> Result<(), i64> {
     };
     let c = counters_of(service_id).ok_or(-1i64)?;
     let sk = socket_of(ctx);
-
+    if !HANDSHAKE && matches!(dir, Direction::Ingress) && is_listening(sk) {
+        // SAFETY: the program array holds cgroup_skb ingress programs only.
+        let _ = unsafe { HANDSHAKE_PROGRAM.tail_call(ctx, 0) };
+        return Ok(());
+    }
+    let create = seg.payload_len > 0;
+    let state = if HANDSHAKE {
+        handshake_state_of(&seg.conn, create)
+    } else {
+        conn_state_of(sk, create)
+    };
+    if matches!(&state, Some(s) if s.flags & CONN_CLIENT != 0) {
+        return Ok(());
+    }
     if seg.payload_len > 0 {
-        let state = conn_state_of(sk, true);
-        if matches!(&state, Some(s) if s.flags & CONN_CLIENT != 0) {
-            return Ok(());
-        }
         match dir {
             Direction::Ingress => counters::add_u64(&mut c.rx_bytes, seg.payload_len as u64),
             Direction::Egress => counters::add_u64(&mut c.tx_bytes, seg.payload_len as u64),
         }
-        if let Some(state) = state {
-            on_payload(ctx, &seg, dir, state, c)?;
-        }
+    }
+    let Some(state) = state else {
+        return Ok(());
+    };
+    if seg.payload_len > 0 {
+        on_payload(ctx, &seg, dir, state, c)?;
     }
     // A reset from either side, or the server's FIN, ends the connection and anything still in
     // flight on it. A client's FIN alone is a half-close: its request may still be answered.
     if ends {
-        if let Some(state) = conn_state_of(sk, false) {
-            close(state, c);
+        close(state, c);
+        if HANDSHAKE {
+            let _ = HANDSHAKE_CONNS.remove(&seg.conn);
         }
     }
     Ok(())
 }
 
-/// The socket a segment belongs to (the server's, or a client's: sock_ops marks those).
+/// The socket a segment belongs to: the server's, a client's (sock_ops marks those), or the
+/// listening socket for the last packet of a handshake.
 #[inline(always)]
 fn socket_of(ctx: &SkBuffContext) -> *mut bpf_sock {
     // SAFETY: one field of the program's context, read once at its constant offset.

@@ -41,6 +41,13 @@ pub fn surge_skb_ingress(ctx: SkBuffContext) -> i32 {
     PASS
 }
 
+/// Reached only by a tail call from `surge_skb_ingress`, never attached.
+#[cgroup_skb(ingress)]
+pub fn surge_skb_handshake(ctx: SkBuffContext) -> i32 {
+    let _ = http1::observe_handshake(&ctx);
+    PASS
+}
+
 #[cgroup_skb(egress)]
 pub fn surge_skb_egress(ctx: SkBuffContext) -> i32 {
     let _ = http1::observe(&ctx, Direction::Egress);

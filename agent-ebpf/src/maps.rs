@@ -1,17 +1,17 @@
 //! Every map of the kernel programs, and the lookups they share.
 
 use aya_ebpf::{
-    bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE, BPF_TCP_LISTEN},
     btf_maps::SkStorage,
     helpers::bpf_sk_storage_get,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use core::ffi::c_void;
 use surge_common::{
     stream::{Cursor, Framer, Starts},
-    ConnState, EndpointKey, ServiceCounters, StreamKey, MAX_CGROUPS, MAX_ENDPOINTS, MAX_SERVICES,
-    MAX_SPILLED_STREAMS, WATCHED_PORT_WORDS,
+    ConnKey, ConnState, EndpointKey, ServiceCounters, StreamKey, MAX_CGROUPS, MAX_ENDPOINTS,
+    MAX_HANDSHAKE_CONNECTIONS, MAX_SERVICES, MAX_SPILLED_STREAMS, WATCHED_PORT_WORDS,
 };
 
 /// Watched local endpoints → service id. Written by the agent.
@@ -72,6 +72,72 @@ pub fn conn_state_of(sk: *mut bpf_sock, create: bool) -> Option<&'static mut Con
     }
     // SAFETY: the socket's value, valid while the program runs (freed after an RCU grace period).
     (!p.is_null()).then(|| unsafe { &mut *(p as *mut ConnState) })
+}
+
+/// The state of connections whose first payload came with the last packet of their handshake
+/// (a server with `TCP_DEFER_ACCEPT`, as nginx's `listen … deferred`; TCP Fast Open; SYN
+/// cookies): the kernel filters that packet on the listening socket, before the connection's
+/// own socket exists. Kept by 4-tuple from the server's side until sock_ops sees the connection
+/// established and moves it onto its socket, a moment later.
+#[map(name = "HANDSHAKE_CONNS")]
+pub static HANDSHAKE_CONNS: LruHashMap<ConnKey, ConnState> =
+    LruHashMap::with_max_entries(MAX_HANDSHAKE_CONNECTIONS, 0);
+
+/// The program that accounts segments filtered on a listening socket (`surge_skb_handshake`, at
+/// index 0): the ingress program tail-calls it. Written by the agent.
+#[map(name = "HANDSHAKE_PROGRAM")]
+pub static HANDSHAKE_PROGRAM: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// One all-zero connection state, never written: new HANDSHAKE_CONNS entries are copied from it
+/// rather than from a value built on the stack, which the verifier's 512-byte limit makes scarce.
+#[map(name = "FRESH_CONN")]
+pub static FRESH_CONN: Array<ConnState> = Array::with_max_entries(1, 0);
+
+/// The state of a connection still in its handshake, created all zero first if `create`.
+#[inline(always)]
+pub fn handshake_state_of(conn: &ConnKey, create: bool) -> Option<&'static mut ConnState> {
+    if let Some(p) = HANDSHAKE_CONNS.get_ptr_mut(conn) {
+        // SAFETY: a pointer into the map's value for this connection.
+        return Some(unsafe { &mut *p });
+    }
+    if !create {
+        return None;
+    }
+    let fresh = FRESH_CONN.get(0)?;
+    let _ = HANDSHAKE_CONNS.insert(conn, fresh, 0);
+    // SAFETY: as above.
+    HANDSHAKE_CONNS.get_ptr_mut(conn).map(|p| unsafe { &mut *p })
+}
+
+/// The connection `conn` is established on socket `sk`: what was framed of it during its
+/// handshake becomes the socket's state.
+#[inline(always)]
+pub fn adopt_handshake_state(sk: *mut bpf_sock, conn: &ConnKey) {
+    if sk.is_null() {
+        return;
+    }
+    let Some(p) = HANDSHAKE_CONNS.get_ptr_mut(conn) else {
+        return;
+    };
+    let map = &CONN_STATES as *const SkStorage<ConnState> as *mut c_void;
+    // SAFETY: a socket the verifier knows non-null, and a whole ConnState map value to copy
+    // the new storage from.
+    unsafe {
+        bpf_sk_storage_get(
+            map,
+            sk as *mut c_void,
+            p as *mut c_void,
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        )
+    };
+    let _ = HANDSHAKE_CONNS.remove(conn);
+}
+
+/// Whether `sk` (a program context's socket, maybe null) is a listening socket.
+#[inline(always)]
+pub fn is_listening(sk: *mut bpf_sock) -> bool {
+    // SAFETY: one field of a socket the verifier knows non-null.
+    !sk.is_null() && unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).state)) } == BPF_TCP_LISTEN
 }
 
 /// Starts (bpf_ktime_get_ns) of HTTP/2 streams open past their connection's slots, so that a

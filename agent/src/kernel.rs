@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, RawTracePoint, SkLookup, SockOps,
     },
@@ -61,6 +61,9 @@ pub enum KernelError {
 pub struct KernelProbe {
     // Keeps the programs and their links alive.
     _ebpf: Ebpf,
+    /// The ingress program's tail call: the kernel empties a program array once no process
+    /// holds it open.
+    _handshake_program: ProgramArray<MapData>,
     watched: HashMap<MapData, EndpointKey, u32>,
     /// The watched-port bitmap the programs check first, and how many endpoints use each port.
     ports: Array<MapData, u64>,
@@ -109,6 +112,9 @@ impl KernelProbe {
             path: cgroup_root.display().to_string(),
             source,
         })?;
+        // Before the ingress program runs: it tail-calls this one for segments filtered on a
+        // listening socket (a connection's first payload with the last packet of its handshake).
+        let handshake_program = load_handshake_program(&mut ebpf)?;
         // aya attaches to cgroups with a bpf_link (kernel ≥ 5.7), which the kernel requires to
         // have no flags and which always coexists with other programs on the cgroup: `Single`
         // is "no flags" there, not exclusivity.
@@ -148,6 +154,7 @@ impl KernelProbe {
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         Ok(Self {
             _ebpf: ebpf,
+            _handshake_program: handshake_program,
             watched,
             ports,
             port_users: std::collections::HashMap::new(),
@@ -299,6 +306,22 @@ macro_rules! program_load {
     )*};
 }
 program_load!(CgroupSkb, CgroupSockAddr, SockOps, RawTracePoint, SkLookup);
+
+/// Loads `surge_skb_handshake` into the ingress program's tail-call array.
+fn load_handshake_program(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>, KernelError> {
+    let name = "surge_skb_handshake";
+    let program: &mut CgroupSkb = loaded(ebpf, name)?;
+    let fd = program
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|source| KernelError::Program { name, source })?;
+    let map = "HANDSHAKE_PROGRAM";
+    let mut array: ProgramArray<MapData> = take_map(ebpf, map)?;
+    array
+        .set(0, &fd, 0)
+        .map_err(|source| KernelError::Map { name: map, source })?;
+    Ok(array)
+}
 
 pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
 where

@@ -385,3 +385,88 @@ fn restarting_the_agent_is_never_a_negative_rate() {
     assert!(min_rate >= 0.0, "a negative rate was reported: {min_rate}");
     drop(agent);
 }
+
+/// A server that accepts with `TCP_DEFER_ACCEPT` (nginx's `listen … deferred`): the handshake
+/// completes only with the client's first data, so the kernel filters that first request on the
+/// listening socket, before the connection's own socket exists. HTTP/1.1 keep-alive connections
+/// of three requests each answered by a minimal server on its own listener.
+fn deferred_accept_server() -> SocketAddr {
+    use std::{io::Read, os::fd::AsRawFd};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let seconds: libc::c_int = 5;
+    // SAFETY: a valid socket and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            &seconds as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_DEFER_ACCEPT: {}", std::io::Error::last_os_error());
+    let addr = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // Every request is a GET without a body: answer each whole head.
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        if conn
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn requests_whose_first_data_completes_the_handshake_are_counted_exactly() {
+    require_root();
+    let dir = scratch("deferred");
+    let server = deferred_accept_server();
+    let scaler = Scaler::start(
+        &dir,
+        free_port(),
+        &["--observe".into(), format!("deferred={server}")],
+    );
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for("deferred", "first report", |v| v["reported"] == true);
+    let (connections, per_connection) = (200, 3);
+    let mut open = Vec::new();
+    for _ in 0..connections {
+        let mut c = Connection::open(server).expect("connect");
+        for _ in 0..per_connection {
+            let r = c.request("GET", "/", b"", false).expect("answered");
+            assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+        }
+        open.push(c);
+    }
+    // Counted while the connections are open (in flight must be 0 before any closes), then
+    // after they close.
+    let total = (connections * per_connection) as u64;
+    scaler.wait_reports(3);
+    let v = scaler.service("deferred");
+    assert_eq!(count(&v, "requests_total"), total, "{v}");
+    assert_eq!(count(&v, "responses_total"), total, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+    drop(open);
+    scaler.wait_reports(3);
+    let v = scaler.service("deferred");
+    assert_eq!(v["in_flight"], 0, "{v}");
+    assert_eq!(count(&v, "connections_closed_total"), connections as u64, "{v}");
+}

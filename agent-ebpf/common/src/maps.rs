@@ -6,6 +6,10 @@ use crate::{latency::LATENCY_BUCKETS, stream::Framer};
 pub const MAX_SERVICES: u32 = 256;
 /// How many watched endpoints (address, port) one agent can hold.
 pub const MAX_ENDPOINTS: u32 = 16384;
+/// How many connections still in their handshake the kernel keeps state for (LRU): those whose
+/// first payload came with their handshake's last packet, for the moment until they are
+/// established.
+pub const MAX_HANDSHAKE_CONNECTIONS: u32 = 4096;
 /// Words of the watched-port bitmap: 64 ports each.
 pub const WATCHED_PORT_WORDS: u32 = 65536 / 64;
 /// How many cgroups (a service's replicas and their descendants) can be attributed.
