@@ -18,7 +18,7 @@ use surge_common::{ConnKey, CONN_CLIENT};
 
 use crate::{
     counters, http1,
-    maps::{adopt_handshake_state, conn_state_of, counters_of, port_watched, service_of},
+    maps::{conn_state_of, counters_of, port_watched, service_of},
 };
 
 const AF_INET: u32 = 2;
@@ -54,7 +54,7 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> Result<(), i64> {
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         counters::add_u64(&mut c.connections_opened, 1);
         // Its first payload may have come with its handshake, framed before this socket was.
-        adopt_handshake_state(sk, &conn);
+        http1::adopt_handshake(sk, &conn, c);
         ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
             .map_err(|e| e as i64)?;
     } else if ctx.arg(1) == BPF_TCP_CLOSE {

@@ -4,7 +4,7 @@
 //! `inflight`). TLS connections are marked and only counted as such.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, bpf_sock},
+    bindings::{__sk_buff, bpf_sock, BPF_NOEXIST},
     helpers::{bpf_loop, bpf_skb_load_bytes},
     programs::SkBuffContext,
 };
@@ -18,8 +18,8 @@ use surge_common::{
 use crate::{
     atomic, counters, inflight,
     maps::{
-        conn_state_of, counters_of, handshake_state_of, is_listening, port_watched, service_of, FrameScratch,
-        FRAMING, HANDSHAKE_CONNS, HANDSHAKE_PROGRAM,
+        adopt_handshake_state, conn_state_of, counters_of, handshake_state_of, is_listening, port_watched,
+        service_of, FrameScratch, FRAMING, HANDSHAKE_CONNS, HANDSHAKE_PROGRAM, HANDSHAKE_STARTS,
     },
     packet::{Direction, Segment},
 };
@@ -85,14 +85,17 @@ fn observe_on<const HANDSHAKE: bool>(ctx: &SkBuffContext, dir: Direction) -> Res
         return Ok(());
     };
     if seg.payload_len > 0 {
-        on_payload(ctx, &seg, dir, state, c)?;
+        on_payload::<HANDSHAKE>(ctx, &seg, dir, state, c)?;
     }
     // A reset from either side, or the server's FIN, ends the connection and anything still in
     // flight on it. A client's FIN alone is a half-close: its request may still be answered.
     if ends {
-        close(state, c);
         if HANDSHAKE {
+            // Nothing of it was counted yet, and now nothing will be.
             let _ = HANDSHAKE_CONNS.remove(&seg.conn);
+            let _ = HANDSHAKE_STARTS.remove(&seg.conn);
+        } else {
+            close(state, c);
         }
     }
     Ok(())
@@ -104,6 +107,26 @@ fn observe_on<const HANDSHAKE: bool>(ctx: &SkBuffContext, dir: Direction) -> Res
 fn socket_of(ctx: &SkBuffContext) -> *mut bpf_sock {
     // SAFETY: one field of the program's context, read once at its constant offset.
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk)) }
+}
+
+/// The connection `conn` is established on socket `sk` (sock_ops): what its handshake's last
+/// packet carried was framed on the listening socket; it becomes the socket's state, and the
+/// requests that started in it are counted now.
+#[inline(always)]
+pub fn adopt_handshake(sk: *mut bpf_sock, conn: &surge_common::ConnKey, c: &mut ServiceCounters) {
+    let Some((state, starts)) = adopt_handshake_state(sk, conn) else {
+        return;
+    };
+    let Some(starts) = starts else {
+        return;
+    };
+    if starts.probes > 0 {
+        counters::add_u64(&mut c.probe_requests, starts.probes as u64);
+    }
+    if starts.messages > 0 {
+        inflight::open_requests(state, conn, starts, c);
+    }
+    let _ = HANDSHAKE_STARTS.remove(conn);
 }
 
 /// Sets `flag` in the connection's flags; returns the flags before. Atomic, and a full barrier:
@@ -121,9 +144,17 @@ pub fn set_flag(state: &mut ConnState, flag: u32) -> u32 {
     atomic::or(word, flag as u64) as u32
 }
 
+/// Sets `flag`; true for the one program that set it. A plain read first: once set, as it is
+/// for every segment but a connection's first, no atomic instruction (and no exclusive claim
+/// on the cache line the other direction reads) is needed.
+#[inline(always)]
+fn first_time(state: &mut ConnState, flag: u32) -> bool {
+    atomic::load(&state.flags) & flag == 0 && set_flag(state, flag) & flag == 0
+}
+
 /// Frames a payload and accounts the messages that started in it.
 #[inline(always)]
-fn on_payload(
+fn on_payload<const HANDSHAKE: bool>(
     ctx: &SkBuffContext,
     seg: &Segment,
     dir: Direction,
@@ -135,7 +166,7 @@ fn on_payload(
     let len32 = seg.payload_len as u32;
     let (seen, expected) = match dir {
         Direction::Ingress => {
-            if set_flag(state, CONN_SEEN_PAYLOAD) & CONN_SEEN_PAYLOAD == 0 {
+            if first_time(state, CONN_SEEN_PAYLOAD) {
                 let (prefix, len) = load_prefix(ctx, seg)?;
                 // A TLS record header: handshake (22), version 3.x.
                 if len >= 3 && prefix[0] == 0x16 && prefix[1] == 0x03 {
@@ -149,7 +180,7 @@ fn on_payload(
             (true, e)
         }
         Direction::Egress => {
-            let seen = set_flag(state, CONN_SEEN_EGRESS) & CONN_SEEN_EGRESS != 0;
+            let seen = !first_time(state, CONN_SEEN_EGRESS);
             let e = if seen { state.next_seq_out } else { seg.seq };
             state.next_seq_out = advance(e, seg.seq, len32);
             (seen, e)
@@ -199,6 +230,14 @@ fn on_payload(
     ) else {
         return Ok(());
     };
+    if HANDSHAKE {
+        // Counted once the connection is established (see `adopt_handshake`): a segment that
+        // reaches a listening socket with no handshake to complete is refused, and never is.
+        if starts.messages > 0 || starts.probes > 0 {
+            let _ = HANDSHAKE_STARTS.insert(&seg.conn, starts, BPF_NOEXIST as u64);
+        }
+        return Ok(());
+    }
     if starts.probes > 0 {
         counters::add_u64(&mut c.probe_requests, starts.probes as u64);
     }

@@ -83,6 +83,15 @@ pub fn conn_state_of(sk: *mut bpf_sock, create: bool) -> Option<&'static mut Con
 pub static HANDSHAKE_CONNS: LruHashMap<ConnKey, ConnState> =
     LruHashMap::with_max_entries(MAX_HANDSHAKE_CONNECTIONS, 0);
 
+/// What the framing of a connection still in its handshake found (requests started), by
+/// 4-tuple: counted only once sock_ops sees the connection established (a moment later). A
+/// segment that reaches a listening socket without a handshake to complete (a late one, after
+/// the connection's socket was reset away) is refused by the kernel; its entries are never
+/// counted and age out.
+#[map(name = "HANDSHAKE_STARTS")]
+pub static HANDSHAKE_STARTS: LruHashMap<ConnKey, Starts> =
+    LruHashMap::with_max_entries(MAX_HANDSHAKE_CONNECTIONS, 0);
+
 /// The program that accounts segments filtered on a listening socket (`surge_skb_handshake`, at
 /// index 0): the ingress program tail-calls it. Written by the agent.
 #[map(name = "HANDSHAKE_PROGRAM")]
@@ -110,19 +119,20 @@ pub fn handshake_state_of(conn: &ConnKey, create: bool) -> Option<&'static mut C
 }
 
 /// The connection `conn` is established on socket `sk`: what was framed of it during its
-/// handshake becomes the socket's state.
+/// handshake becomes the socket's state, returned with the requests that started then.
 #[inline(always)]
-pub fn adopt_handshake_state(sk: *mut bpf_sock, conn: &ConnKey) {
+pub fn adopt_handshake_state(
+    sk: *mut bpf_sock,
+    conn: &ConnKey,
+) -> Option<(&'static mut ConnState, Option<&'static Starts>)> {
     if sk.is_null() {
-        return;
+        return None;
     }
-    let Some(p) = HANDSHAKE_CONNS.get_ptr_mut(conn) else {
-        return;
-    };
+    let p = HANDSHAKE_CONNS.get_ptr_mut(conn)?;
     let map = &CONN_STATES as *const SkStorage<ConnState> as *mut c_void;
     // SAFETY: a socket the verifier knows non-null, and a whole ConnState map value to copy
     // the new storage from.
-    unsafe {
+    let state = unsafe {
         bpf_sk_storage_get(
             map,
             sk as *mut c_void,
@@ -131,6 +141,13 @@ pub fn adopt_handshake_state(sk: *mut bpf_sock, conn: &ConnKey) {
         )
     };
     let _ = HANDSHAKE_CONNS.remove(conn);
+    if state.is_null() {
+        return None;
+    }
+    // SAFETY: the entry's value, valid while the program runs (the caller removes it after).
+    let starts = unsafe { HANDSHAKE_STARTS.get(conn) };
+    // SAFETY: the socket's value, valid while the program runs.
+    Some((unsafe { &mut *(state as *mut ConnState) }, starts))
 }
 
 /// Whether `sk` (a program context's socket, maybe null) is a listening socket.

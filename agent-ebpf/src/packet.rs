@@ -20,6 +20,7 @@ pub enum Direction {
 /// The parts of a TCP segment the accounting needs.
 pub struct Segment {
     pub conn: ConnKey,
+    /// The sequence number of the payload's first byte (a SYN's own number is the SYN's).
     pub seq: u32,
     pub payload_offset: usize,
     pub payload_len: usize,
@@ -29,6 +30,7 @@ pub struct Segment {
 
 const IPPROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 
 /// Not a TCP segment Surge can account (not IP, not TCP, a fragment, truncated).
@@ -78,7 +80,8 @@ impl Segment {
         };
         let sport = u16::from_be_bytes([byte(tcp[0], 0), byte(tcp[0], 1)]);
         let dport = u16::from_be_bytes([byte(tcp[0], 2), byte(tcp[0], 3)]);
-        let seq = u32::from_be(tcp[1]);
+        // TCP Fast Open: a SYN's payload starts one past the SYN's own sequence number.
+        let seq = u32::from_be(tcp[1]).wrapping_add((byte(tcp[3], 1) & TCP_SYN != 0) as u32);
         let tcp_len = ((byte(tcp[3], 0) >> 4) as usize) * 4;
         let flags = byte(tcp[3], 1);
         let (src, dst) = (words_to_bytes(src), words_to_bytes(dst));

@@ -787,3 +787,56 @@ fn sixty_http2_streams_answered_in_two_segments_all_end() {
     let first = [ids(32..60), ids(0..4), ids(4..12)].concat();
     sixty_http2_streams_answered_in("h2-sixty-two", vec![first, ids(12..32)]);
 }
+
+/// An h2c server that accepts with `TCP_DEFER_ACCEPT` (nginx's `listen … deferred`): each
+/// connection's handshake completes with the client's preface, which the kernel filters on the
+/// listening socket before the connection's own socket exists. Every stream is still counted,
+/// and none stays in flight.
+#[test]
+fn http2_connections_whose_preface_completes_the_handshake_are_counted_exactly() {
+    use std::os::fd::AsRawFd;
+    require_root();
+    let dir = scratch("h2-deferred");
+    let rt = runtime();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let seconds: libc::c_int = 5;
+    // SAFETY: a valid socket and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            &seconds as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_DEFER_ACCEPT: {}", std::io::Error::last_os_error());
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("address");
+    let listener = rt
+        .block_on(async { tokio::net::TcpListener::from_std(listener) })
+        .expect("listener");
+    rt.spawn(h2_server(listener, Duration::ZERO));
+    let scaler = Scaler::start(&dir, free_port(), &["--observe".into(), format!("h2d={addr}")]);
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for("h2d", "first report", |v| v["reported"] == true);
+
+    let (connections, per_connection) = (300usize, 2usize);
+    let answered = rt.block_on(async {
+        let mut ok = 0;
+        for _ in 0..connections {
+            ok += h2_client(addr, per_connection, 1).await;
+        }
+        ok
+    });
+    assert_eq!(answered, connections * per_connection);
+    scaler.wait_for("h2d", "every connection closed", |v| {
+        v["connections_closed_total"] == connections
+    });
+    scaler.wait_reports(2);
+    let v = scaler.service("h2d");
+    let total = (connections * per_connection) as u64;
+    assert_eq!(count(&v, "requests_total"), total, "{v}");
+    assert_eq!(count(&v, "responses_total"), total, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+}
