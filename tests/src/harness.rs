@@ -94,6 +94,27 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A loopback listener that accepts with `TCP_DEFER_ACCEPT` (nginx's `listen … deferred`): a
+/// connection's handshake completes only with the client's first data, so the kernel filters
+/// that data on the listening socket, before the connection's own socket exists.
+pub fn deferred_accept_listener() -> std::net::TcpListener {
+    use std::os::fd::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let seconds: libc::c_int = 5;
+    // SAFETY: a valid socket and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            &seconds as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_DEFER_ACCEPT: {}", std::io::Error::last_os_error());
+    listener
+}
+
 /// A directory for this test's logs and files, removed at the end unless SURGE_KEEP_LOGS is set.
 pub fn scratch(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("surge-e2e-{test}-{}", std::process::id()));

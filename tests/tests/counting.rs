@@ -10,7 +10,9 @@ use std::{
 
 use serde_json::Value;
 use surge_tests::{
-    harness::{free_port, require_root, scratch, Agent, ReservedPort, Sample, Scaler},
+    harness::{
+        deferred_accept_listener, free_port, require_root, scratch, Agent, ReservedPort, Sample, Scaler,
+    },
     http_client::{get_text, Connection},
     load::{run, LoadSpec},
 };
@@ -386,25 +388,11 @@ fn restarting_the_agent_is_never_a_negative_rate() {
     drop(agent);
 }
 
-/// A server that accepts with `TCP_DEFER_ACCEPT` (nginx's `listen … deferred`): the handshake
-/// completes only with the client's first data, so the kernel filters that first request on the
-/// listening socket, before the connection's own socket exists. HTTP/1.1 keep-alive connections
-/// of three requests each answered by a minimal server on its own listener.
+/// HTTP/1.1 keep-alive connections of three requests, answered by a minimal server whose
+/// listener accepts with `TCP_DEFER_ACCEPT` (see `deferred_accept_listener`).
 fn deferred_accept_server() -> SocketAddr {
-    use std::{io::Read, os::fd::AsRawFd};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let seconds: libc::c_int = 5;
-    // SAFETY: a valid socket and an int option of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            &seconds as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_DEFER_ACCEPT: {}", std::io::Error::last_os_error());
+    use std::io::Read;
+    let listener = deferred_accept_listener();
     let addr = listener.local_addr().expect("address");
     std::thread::spawn(move || {
         for conn in listener.incoming() {

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::Value;
 use surge_proto::externalscaler::{external_scaler_client::ExternalScalerClient, ScaledObjectRef};
 use surge_tests::{
-    harness::{free_port, require_root, scratch, Agent, Scaler},
+    harness::{deferred_accept_listener, free_port, require_root, scratch, Agent, Scaler},
     http_client::get_text,
 };
 use tonic::transport::Endpoint;
@@ -794,23 +794,10 @@ fn sixty_http2_streams_answered_in_two_segments_all_end() {
 /// and none stays in flight.
 #[test]
 fn http2_connections_whose_preface_completes_the_handshake_are_counted_exactly() {
-    use std::os::fd::AsRawFd;
     require_root();
     let dir = scratch("h2-deferred");
     let rt = runtime();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let seconds: libc::c_int = 5;
-    // SAFETY: a valid socket and an int option of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            &seconds as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_DEFER_ACCEPT: {}", std::io::Error::last_os_error());
+    let listener = deferred_accept_listener();
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("address");
     let listener = rt
