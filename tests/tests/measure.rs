@@ -347,6 +347,20 @@ fn chunked_request_bodies_count_once() {
     assert_eq!(v["in_flight"], 0, "{v}");
 }
 
+/// Reads one answer per request of `order` (true: a HEAD request, whose answer has no body),
+/// each a 200.
+fn read_answers(c: &mut Connection, order: &[bool]) {
+    for &is_head in order {
+        let r = if is_head {
+            c.read_head_response()
+        } else {
+            c.read_response()
+        }
+        .expect("answer");
+        assert_eq!(r.status, 200);
+    }
+}
+
 /// A HEAD response announces a body (Content-Length: 5000) that never comes: the framing must
 /// not skip the next response as if it were that body.
 #[test]
@@ -375,15 +389,7 @@ fn head_requests_answered_with_a_content_length_are_counted_exactly() {
             batch.extend_from_slice(if is_head { head } else { get });
         }
         c.send_raw(&batch).expect("send");
-        for &is_head in &order {
-            let r = if is_head {
-                c.read_head_response()
-            } else {
-                c.read_response()
-            }
-            .expect("answer");
-            assert_eq!(r.status, 200);
-        }
+        read_answers(&mut c, &order);
     }
     // Counted while the connection is still open: a misframed response would leave a request
     // in flight until the connection closes.
@@ -429,15 +435,7 @@ fn head_requests_pipelined_while_answers_flow_are_counted_exactly() {
                     }
                 });
                 for _ in 0..batches {
-                    for &is_head in &order {
-                        let r = if is_head {
-                            c.read_head_response()
-                        } else {
-                            c.read_response()
-                        }
-                        .expect("answer");
-                        assert_eq!(r.status, 200);
-                    }
+                    read_answers(&mut c, &order);
                     read_rx.recv().expect("writer alive");
                 }
                 writer.join().expect("writer");
