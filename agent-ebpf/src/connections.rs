@@ -54,7 +54,9 @@ pub fn on_sock_op(ctx: &SockOpsContext) -> Result<(), i64> {
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         counters::add_u64(&mut c.connections_opened, 1);
         // Its first payload may have come with its handshake, framed before this socket was.
-        http1::adopt_handshake(sk, &conn, c);
+        // SAFETY: one field of the program's context, read once at its constant offset.
+        let rcv_nxt = unsafe { read_volatile(addr_of!((*ctx.ops).rcv_nxt)) };
+        http1::adopt_handshake(sk, &conn, rcv_nxt, c);
         ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
             .map_err(|e| e as i64)?;
     } else if ctx.arg(1) == BPF_TCP_CLOSE {

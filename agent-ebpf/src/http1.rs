@@ -113,8 +113,13 @@ fn socket_of(ctx: &SkBuffContext) -> *mut bpf_sock {
 /// packet carried was framed on the listening socket; it becomes the socket's state, and the
 /// requests that started in it are counted now.
 #[inline(always)]
-pub fn adopt_handshake(sk: *mut bpf_sock, conn: &surge_common::ConnKey, c: &mut ServiceCounters) {
-    let Some((state, starts)) = adopt_handshake_state(sk, conn) else {
+pub fn adopt_handshake(
+    sk: *mut bpf_sock,
+    conn: &surge_common::ConnKey,
+    rcv_nxt: u32,
+    c: &mut ServiceCounters,
+) {
+    let Some((state, starts)) = adopt_handshake_state(sk, conn, rcv_nxt) else {
         return;
     };
     let Some(starts) = starts else {
@@ -126,6 +131,9 @@ pub fn adopt_handshake(sk: *mut bpf_sock, conn: &surge_common::ConnKey, c: &mut 
     if starts.messages > 0 {
         inflight::open_requests(state, conn, starts, c);
     }
+    if starts.cancel_count > 0 {
+        inflight::cancel_requests(state, conn, starts, c);
+    }
     let _ = HANDSHAKE_STARTS.remove(conn);
 }
 
@@ -135,7 +143,7 @@ pub fn adopt_handshake(sk: *mut bpf_sock, conn: &surge_common::ConnKey, c: &mut 
 #[inline(always)]
 pub fn set_flag(state: &mut ConnState, flag: u32) -> u32 {
     // The kernel's atomics are 64-bit: the OR is done on the 8-aligned word whose low half
-    // (little-endian) is `flags`; the high half, `_reserved`, is ORed with 0 and left as it is.
+    // (little-endian) is `flags`; the high half, `first_seq_in`, is ORed with 0 and left as it is.
     const FLAGS: usize = core::mem::offset_of!(ConnState, flags);
     const _: () = assert!(FLAGS % 8 == 0);
     // SAFETY: `flags` and the field after it are the 8 aligned bytes at FLAGS of one live map
@@ -174,6 +182,7 @@ fn on_payload<const HANDSHAKE: bool>(
                     counters::add_u64(&mut c.tls_connections, 1);
                 }
                 state.next_seq_in = seg.seq;
+                state.first_seq_in = seg.seq;
             }
             let e = state.next_seq_in;
             state.next_seq_in = advance(e, seg.seq, len32);
@@ -233,7 +242,8 @@ fn on_payload<const HANDSHAKE: bool>(
     if HANDSHAKE {
         // Counted once the connection is established (see `adopt_handshake`): a segment that
         // reaches a listening socket with no handshake to complete is refused, and never is.
-        if starts.messages > 0 || starts.probes > 0 {
+        if starts.messages > 0 || starts.probes > 0 || starts.cancel_count > 0 {
+            // The first segment's only (more come only when the accept queue is full).
             let _ = HANDSHAKE_STARTS.insert(&seg.conn, starts, BPF_NOEXIST as u64);
         }
         return Ok(());

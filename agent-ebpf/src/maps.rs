@@ -87,7 +87,8 @@ pub static HANDSHAKE_CONNS: LruHashMap<ConnKey, ConnState> =
 /// 4-tuple: counted only once sock_ops sees the connection established (a moment later). A
 /// segment that reaches a listening socket without a handshake to complete (a late one, after
 /// the connection's socket was reset away) is refused by the kernel; its entries are never
-/// counted and age out.
+/// counted, and go when a later connection on the same 4-tuple is established, or when the
+/// LRU needs their room.
 #[map(name = "HANDSHAKE_STARTS")]
 pub static HANDSHAKE_STARTS: LruHashMap<ConnKey, Starts> =
     LruHashMap::with_max_entries(MAX_HANDSHAKE_CONNECTIONS, 0);
@@ -114,21 +115,31 @@ pub fn handshake_state_of(conn: &ConnKey, create: bool) -> Option<&'static mut C
     }
     let fresh = FRESH_CONN.get(0)?;
     let _ = HANDSHAKE_CONNS.insert(conn, fresh, 0);
+    // What an earlier connection on this 4-tuple left is not this one's.
+    let _ = HANDSHAKE_STARTS.remove(conn);
     // SAFETY: as above.
     HANDSHAKE_CONNS.get_ptr_mut(conn).map(|p| unsafe { &mut *p })
 }
 
-/// The connection `conn` is established on socket `sk`: what was framed of it during its
-/// handshake becomes the socket's state, returned with the requests that started then.
+/// The connection `conn` is established on socket `sk`, whose next expected client byte is
+/// `rcv_nxt`: what was framed of it during its handshake becomes the socket's state, returned
+/// with the requests that started then. Entries of an earlier connection on the same 4-tuple
+/// (a segment that reached the listening socket with no handshake to complete) start elsewhere
+/// in the sequence space: they go, unused.
 #[inline(always)]
 pub fn adopt_handshake_state(
     sk: *mut bpf_sock,
     conn: &ConnKey,
+    rcv_nxt: u32,
 ) -> Option<(&'static mut ConnState, Option<&'static Starts>)> {
-    if sk.is_null() {
+    let p = HANDSHAKE_CONNS.get_ptr_mut(conn)?;
+    // SAFETY: a pointer into the map's value for this connection.
+    let first = unsafe { (*p).first_seq_in };
+    if sk.is_null() || first != rcv_nxt {
+        let _ = HANDSHAKE_CONNS.remove(conn);
+        let _ = HANDSHAKE_STARTS.remove(conn);
         return None;
     }
-    let p = HANDSHAKE_CONNS.get_ptr_mut(conn)?;
     let map = &CONN_STATES as *const SkStorage<ConnState> as *mut c_void;
     // SAFETY: a socket the verifier knows non-null, and a whole ConnState map value to copy
     // the new storage from.
@@ -142,6 +153,7 @@ pub fn adopt_handshake_state(
     };
     let _ = HANDSHAKE_CONNS.remove(conn);
     if state.is_null() {
+        let _ = HANDSHAKE_STARTS.remove(conn);
         return None;
     }
     // SAFETY: the entry's value, valid while the program runs (the caller removes it after).

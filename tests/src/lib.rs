@@ -8,6 +8,7 @@ pub mod kube_env;
 pub mod load;
 pub mod netns;
 pub mod prometheus;
+pub mod raw_tcp;
 pub mod wrk;
 
 /// The sample service's gRPC echo protocol (`proto/echo.proto`).

@@ -458,3 +458,32 @@ fn requests_whose_first_data_completes_the_handshake_are_counted_exactly() {
     assert_eq!(v["in_flight"], 0, "{v}");
     assert_eq!(count(&v, "connections_closed_total"), connections as u64, "{v}");
 }
+
+/// A request that reaches a listening socket with no connection and no handshake to complete
+/// (as a client's late request does after the server reset its connection away) is refused by
+/// the kernel: it is not counted, and what was framed of it does not pass to a later connection
+/// from the same address and port, which is counted exactly.
+#[test]
+fn a_late_request_at_a_listening_socket_counts_nowhere_and_misleads_no_later_connection() {
+    let rig = Rig::start("stray");
+    let SocketAddr::V4(web) = rig.web.addr else {
+        panic!("the sample listens on IPv4")
+    };
+    let from = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, free_port());
+    surge_tests::raw_tcp::send_segment(from, web, 0x5eed_0001, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("a raw segment");
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), 0, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+
+    let n = 20;
+    let mut c = Connection::open_from(from.into(), rig.web.addr).expect("connect from the same port");
+    for _ in 0..n {
+        assert_eq!(c.request("GET", "/", b"", false).expect("answered").status, 200);
+    }
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), n, "{v}");
+    assert_eq!(count(&v, "responses_total"), n, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+    drop(c);
+}

@@ -131,9 +131,11 @@ pub struct ConnState {
     pub next_seq_out: u32,
     /// `CONN_*` bits, set atomically (8-aligned: the kernel's atomics are 64-bit).
     pub flags: u32,
-    /// Unused: the upper half of the 8-byte word the kernel sets `flags` in (its atomics are
-    /// 64-bit).
-    pub _reserved: u32,
+    /// The sequence number of the first client byte framed (set once, with
+    /// `CONN_SEEN_PAYLOAD`). For a connection whose first payload came with its handshake, it
+    /// tells that connection from an earlier one on the same 4-tuple. The upper half of the
+    /// 8-byte word the flags are set in: atomic ORs of the flags leave it as it is.
+    pub first_seq_in: u32,
     /// Which open requests are HEAD (their responses have no body), oldest first.
     pub heads: crate::stream::HeadQueue,
     /// HTTP/1 message framing of the client's bytes (requests) and the server's (responses).
