@@ -63,7 +63,7 @@ pub struct KernelProbe {
     _ebpf: Ebpf,
     /// The ingress program's tail call: the kernel empties a program array once no process
     /// holds it open.
-    _handshake_program: ProgramArray<MapData>,
+    _handshake_program: Option<ProgramArray<MapData>>,
     watched: HashMap<MapData, EndpointKey, u32>,
     /// The watched-port bitmap the programs check first, and how many endpoints use each port.
     ports: Array<MapData, u64>,
@@ -114,7 +114,13 @@ impl KernelProbe {
         })?;
         // Before the ingress program runs: it tail-calls this one for segments filtered on a
         // listening socket (a connection's first payload with the last packet of its handshake).
-        let handshake_program = load_handshake_program(&mut ebpf)?;
+        let handshake_program = match load_handshake_program(&mut ebpf) {
+            Ok(array) => Some(array),
+            Err(e) => {
+                tracing::warn!(error = %e, "requests that arrive with the last packet of their connection's handshake (servers with TCP_DEFER_ACCEPT, TCP Fast Open, SYN cookies) are not counted");
+                None
+            }
+        };
         // aya attaches to cgroups with a bpf_link (kernel ≥ 5.7), which the kernel requires to
         // have no flags and which always coexists with other programs on the cgroup: `Single`
         // is "no flags" there, not exclusivity.
@@ -313,8 +319,12 @@ fn load_handshake_program(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>, Kern
     let program: &mut CgroupSkb = loaded(ebpf, name)?;
     let fd = program
         .fd()
-        .and_then(|fd| fd.try_clone().map_err(Into::into))
-        .map_err(|source| KernelError::Program { name, source })?;
+        .map_err(|source| KernelError::Program { name, source })?
+        .try_clone()
+        .map_err(|source| KernelError::Program {
+            name,
+            source: source.into(),
+        })?;
     let map = "HANDSHAKE_PROGRAM";
     let mut array: ProgramArray<MapData> = take_map(ebpf, map)?;
     array
