@@ -18,8 +18,9 @@ use surge_common::{
 use crate::{
     atomic, counters, inflight,
     maps::{
-        adopt_handshake_state, conn_state_of, counters_of, handshake_state_of, is_listening, port_watched,
-        service_of, FrameScratch, FRAMING, HANDSHAKE_CONNS, HANDSHAKE_PROGRAM, HANDSHAKE_STARTS,
+        adopt_handshake_state, cache_service, cached_service, conn_state_of, counters_of, handshake_state_of,
+        is_listening, port_watched, service_of, watch_generation, FrameScratch, FRAMING, HANDSHAKE_CONNS,
+        HANDSHAKE_PROGRAM, HANDSHAKE_STARTS,
     },
     packet::{Direction, Segment},
 };
@@ -56,10 +57,6 @@ fn observe_on<const HANDSHAKE: bool>(ctx: &SkBuffContext, dir: Direction) -> Res
         // A bare acknowledgment: nothing to account.
         return Ok(());
     }
-    let Some(service_id) = service_of(seg.conn.local_addr, seg.conn.local_port) else {
-        return Ok(());
-    };
-    let c = counters_of(service_id).ok_or(-1i64)?;
     let sk = socket_of(ctx);
     if !HANDSHAKE && matches!(dir, Direction::Ingress) && is_listening(sk) {
         // SAFETY: the program array holds cgroup_skb ingress programs only.
@@ -67,11 +64,33 @@ fn observe_on<const HANDSHAKE: bool>(ctx: &SkBuffContext, dir: Direction) -> Res
         return Ok(());
     }
     let create = seg.payload_len > 0;
-    let state = if HANDSHAKE {
-        handshake_state_of(&seg.conn, create)
+    let (service_id, state) = if HANDSHAKE {
+        let Some(id) = service_of(seg.conn.local_addr, seg.conn.local_port) else {
+            return Ok(());
+        };
+        (id, handshake_state_of(&seg.conn, create))
     } else {
-        conn_state_of(sk, create)
+        // The service is cached in the connection's state while the watch set is unchanged:
+        // most segments need no lookup of their endpoint.
+        let generation = watch_generation();
+        let mut state = conn_state_of(sk, false);
+        match state.as_deref().and_then(|s| cached_service(s, generation)) {
+            Some(id) => (id, state),
+            None => {
+                let Some(id) = service_of(seg.conn.local_addr, seg.conn.local_port) else {
+                    return Ok(());
+                };
+                if state.is_none() && create {
+                    state = conn_state_of(sk, true);
+                }
+                if let Some(s) = state.as_deref_mut() {
+                    cache_service(s, generation, id);
+                }
+                (id, state)
+            }
+        }
     };
+    let c = counters_of(service_id).ok_or(-1i64)?;
     if matches!(&state, Some(s) if s.flags & CONN_CLIENT != 0) {
         return Ok(());
     }

@@ -11,7 +11,7 @@ use core::ffi::c_void;
 use surge_common::{
     stream::{Cursor, Framer, Starts},
     ConnKey, ConnState, EndpointKey, ServiceCounters, StreamKey, MAX_CGROUPS, MAX_ENDPOINTS,
-    MAX_HANDSHAKE_CONNECTIONS, MAX_SERVICES, MAX_SPILLED_STREAMS, WATCHED_PORT_WORDS,
+    MAX_HANDSHAKE_CONNECTIONS, MAX_SERVICES, MAX_SPILLED_STREAMS, NO_WATCH_GENERATION, WATCHED_PORT_WORDS,
 };
 
 /// Watched local endpoints → service id. Written by the agent.
@@ -194,6 +194,34 @@ pub struct FrameScratch {
 /// Per-CPU scratch space of the framing loops.
 #[map(name = "FRAMING")]
 pub static FRAMING: PerCpuArray<FrameScratch> = PerCpuArray::with_max_entries(2, 0);
+
+/// Bumped by the agent after every change of `WATCHED`: a connection's cached service is good
+/// while its generation is this one.
+#[map(name = "WATCH_GENERATION")]
+pub static WATCH_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The watch set's generation now.
+#[inline(always)]
+pub fn watch_generation() -> u32 {
+    WATCH_GENERATION.get(0).copied().unwrap_or(NO_WATCH_GENERATION)
+}
+
+/// A connection's service as cached in its state, if cached in this `generation`.
+#[inline(always)]
+pub fn cached_service(state: &ConnState, generation: u32) -> Option<u32> {
+    // One load: the other direction may be writing the word.
+    // SAFETY: a field of a live map value.
+    let cached = unsafe { core::ptr::read_volatile(&state.service) };
+    (generation != NO_WATCH_GENERATION && (cached >> 32) as u32 == generation).then_some(cached as u32)
+}
+
+/// Caches a connection's service, as looked up in `generation`.
+#[inline(always)]
+pub fn cache_service(state: &mut ConnState, generation: u32, id: u32) {
+    // One store: a lookup racing on the other CPU writes a whole word too.
+    // SAFETY: a field of a live map value.
+    unsafe { core::ptr::write_volatile(&mut state.service, (generation as u64) << 32 | id as u64) };
+}
 
 /// The service a local endpoint belongs to: the exact address first, then any address.
 #[inline(always)]

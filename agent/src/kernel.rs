@@ -65,6 +65,10 @@ pub struct KernelProbe {
     /// holds it open.
     _handshake_program: Option<ProgramArray<MapData>>,
     watched: HashMap<MapData, EndpointKey, u32>,
+    /// Bumped after every change of `watched`: connections' cached services of an older
+    /// generation are looked up again.
+    watch_generation: Array<MapData, u32>,
+    generation: u32,
     /// The watched-port bitmap the programs check first, and how many endpoints use each port.
     ports: Array<MapData, u64>,
     port_users: std::collections::HashMap<u16, u32>,
@@ -108,6 +112,13 @@ impl KernelProbe {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // Connections cache their endpoint's service while the watch set keeps its generation;
+        // generation 0 is "never cached".
+        let mut watch_generation: Array<MapData, u32> = take_map(&mut ebpf, "WATCH_GENERATION")?;
+        watch_generation.set(0, 1, 0).map_err(|source| KernelError::Map {
+            name: "WATCH_GENERATION",
+            source,
+        })?;
         let cgroup = File::open(cgroup_root).map_err(|source| KernelError::Cgroup {
             path: cgroup_root.display().to_string(),
             source,
@@ -161,6 +172,8 @@ impl KernelProbe {
         Ok(Self {
             _ebpf: ebpf,
             _handshake_program: handshake_program,
+            watch_generation,
+            generation: 1,
             watched,
             ports,
             port_users: std::collections::HashMap::new(),
@@ -206,7 +219,19 @@ impl KernelProbe {
             *self.port_users.entry(key.port).or_insert(0) += 1;
             self.set_port_bit(key.port, true)?;
         }
-        Ok(())
+        self.next_generation()
+    }
+
+    /// Tells the kernel programs that the watch set changed.
+    fn next_generation(&mut self) -> Result<(), KernelError> {
+        // Never 0, "never cached", on wrapping.
+        self.generation = self.generation.checked_add(1).unwrap_or(1);
+        self.watch_generation
+            .set(0, self.generation, 0)
+            .map_err(|source| KernelError::Map {
+                name: "WATCH_GENERATION",
+                source,
+            })
     }
 
     /// Stops watching an endpoint.
@@ -219,7 +244,7 @@ impl KernelProbe {
                     self.port_users.remove(&key.port);
                     self.set_port_bit(key.port, false)?;
                 }
-                Ok(())
+                self.next_generation()
             }
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(KernelError::Map {

@@ -348,6 +348,53 @@ fn restarting_the_scaler_loses_no_counts() {
     assert!(agent.proc.log_tail().contains("connected to the scaler"));
 }
 
+/// A connection's service is cached on its socket: when the scaler gives the connection's endpoint
+/// to another service, the requests that follow on the same open connection count for the new
+/// service only.
+#[test]
+fn an_open_connection_follows_its_endpoint_to_another_service() {
+    require_root();
+    let dir = scratch("endpoint-moves");
+    let web = Sample::start(&dir);
+    let idle = idle_addr();
+    let grpc_port = free_port();
+    let mut scaler = Scaler::start(&dir, grpc_port, &observe_flags(&web, idle));
+    let _agent = Agent::start(&dir, &scaler.grpc_url(), &[]);
+    scaler.wait_for("web", "first report", |v| v["reported"] == true);
+
+    let mut conn = Connection::open(web.addr).expect("connect");
+    let mut ask = |n: usize| {
+        for _ in 0..n {
+            let r = conn.request("GET", "/", b"", false).expect("answered");
+            assert_eq!(r.status, 200);
+        }
+    };
+    ask(30);
+    scaler.wait_for("web", "the first 30", |v| v["requests_total"] == 30);
+    scaler.proc.stop_with(libc::SIGKILL);
+    // The next scaler gives web's endpoint to `moved`, and web a port nobody uses.
+    let scaler = Scaler::start(
+        &dir,
+        grpc_port,
+        &[
+            "--observe".into(),
+            format!("web={idle}"),
+            "--observe".into(),
+            format!("moved={}", web.addr),
+        ],
+    );
+    scaler.wait_for("moved", "first report", |v| v["reported"] == true);
+    ask(20);
+    drop(conn);
+    scaler.wait_reports(3);
+    let moved = scaler.service("moved");
+    let web_now = scaler.service("web");
+    assert_eq!(count(&moved, "requests_total"), 20, "{moved}");
+    assert_eq!(count(&moved, "responses_total"), 20, "{moved}");
+    assert_eq!(count(&web_now, "requests_total"), 30, "{web_now}");
+    assert_eq!(count(&web_now, "responses_total"), 30, "{web_now}");
+}
+
 #[test]
 fn restarting_the_agent_is_never_a_negative_rate() {
     let mut rig = Rig::start("agent-restart");

@@ -10,6 +10,9 @@ pub const MAX_ENDPOINTS: u32 = 16384;
 /// first payload came with their handshake's last packet, for the moment until they are
 /// established.
 pub const MAX_HANDSHAKE_CONNECTIONS: u32 = 4096;
+/// The generation of the watch set before the agent's first change: a connection's cached
+/// service is never of it.
+pub const NO_WATCH_GENERATION: u32 = 0;
 /// Words of the watched-port bitmap: 64 ports each.
 pub const WATCHED_PORT_WORDS: u32 = 65536 / 64;
 /// How many cgroups (a service's replicas and their descendants) can be attributed.
@@ -141,6 +144,10 @@ pub struct ConnState {
     /// HTTP/1 message framing of the client's bytes (requests) and the server's (responses).
     pub requests: Framer,
     pub responses: Framer,
+    /// The service of the connection's local endpoint as last looked up: the watch set's
+    /// generation in the upper half, the service id in the lower (one word, written whole). While
+    /// the generation is the current one, no lookup is needed.
+    pub service: u64,
 }
 
 /// Cumulative per-service counters, one copy per CPU; the agent sums the copies. Counters only
