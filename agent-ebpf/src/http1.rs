@@ -19,8 +19,8 @@ use crate::{
     atomic, counters, inflight,
     maps::{
         adopt_handshake_state, cache_service, cached_service, conn_state_of, counters_of, handshake_state_of,
-        is_listening, port_watched, service_of, watch_generation, FrameScratch, FRAMING, HANDSHAKE_CONNS,
-        HANDSHAKE_PROGRAM, HANDSHAKE_STARTS,
+        is_listening, port_watched, service_of, watch_generation, Adopted, FrameScratch, FRAMING,
+        HANDSHAKE_CONNS, HANDSHAKE_PROGRAM, HANDSHAKE_STARTS,
     },
     packet::{Direction, Segment},
 };
@@ -94,7 +94,8 @@ fn observe_on<const HANDSHAKE: bool>(ctx: &SkBuffContext, dir: Direction) -> Res
     if matches!(&state, Some(s) if s.flags & CONN_CLIENT != 0) {
         return Ok(());
     }
-    if seg.payload_len > 0 {
+    // A handshake's bytes are counted once it completes (see `adopt_handshake`).
+    if seg.payload_len > 0 && !HANDSHAKE {
         match dir {
             Direction::Ingress => counters::add_u64(&mut c.rx_bytes, seg.payload_len as u64),
             Direction::Egress => counters::add_u64(&mut c.tx_bytes, seg.payload_len as u64),
@@ -130,7 +131,7 @@ fn socket_of(ctx: &SkBuffContext) -> *mut bpf_sock {
 
 /// The connection `conn` is established on socket `sk` (sock_ops): what its handshake's last
 /// packet carried was framed on the listening socket; it becomes the socket's state, and the
-/// requests that started in it are counted now.
+/// requests that started in it, and its bytes, are counted now.
 #[inline(always)]
 pub fn adopt_handshake(
     sk: *mut bpf_sock,
@@ -138,9 +139,17 @@ pub fn adopt_handshake(
     rcv_nxt: u32,
     c: &mut ServiceCounters,
 ) {
-    let Some((state, starts)) = adopt_handshake_state(sk, conn, rcv_nxt) else {
+    let Some(Adopted {
+        state,
+        starts,
+        rx_bytes,
+    }) = adopt_handshake_state(sk, conn, rcv_nxt)
+    else {
         return;
     };
+    if rx_bytes > 0 {
+        counters::add_u64(&mut c.rx_bytes, rx_bytes as u64);
+    }
     let Some(starts) = starts else {
         return;
     };

@@ -121,20 +121,26 @@ pub fn handshake_state_of(conn: &ConnKey, create: bool) -> Option<&'static mut C
     HANDSHAKE_CONNS.get_ptr_mut(conn).map(|p| unsafe { &mut *p })
 }
 
+/// What a connection's handshake carried, moved onto its socket.
+pub struct Adopted {
+    /// The socket's state.
+    pub state: &'static mut ConnState,
+    /// The requests that started in the handshake's payload, if any did.
+    pub starts: Option<&'static Starts>,
+    /// How many payload bytes of the client's came with the handshake (retransmissions once).
+    pub rx_bytes: u32,
+}
+
 /// The connection `conn` is established on socket `sk`, whose next expected client byte is
 /// `rcv_nxt`: what was framed of it during its handshake becomes the socket's state, returned
-/// with the requests that started then. Entries of an earlier connection on the same 4-tuple
+/// with the requests that started then and the bytes it carried. Entries of an earlier connection on the same 4-tuple
 /// (a segment that reached the listening socket with no handshake to complete) start elsewhere
 /// in the sequence space: they go, unused.
 #[inline(always)]
-pub fn adopt_handshake_state(
-    sk: *mut bpf_sock,
-    conn: &ConnKey,
-    rcv_nxt: u32,
-) -> Option<(&'static mut ConnState, Option<&'static Starts>)> {
+pub fn adopt_handshake_state(sk: *mut bpf_sock, conn: &ConnKey, rcv_nxt: u32) -> Option<Adopted> {
     let p = HANDSHAKE_CONNS.get_ptr_mut(conn)?;
     // SAFETY: a pointer into the map's value for this connection.
-    let first = unsafe { (*p).first_seq_in };
+    let (first, next) = unsafe { ((*p).first_seq_in, (*p).next_seq_in) };
     if sk.is_null() || first != rcv_nxt {
         let _ = HANDSHAKE_CONNS.remove(conn);
         let _ = HANDSHAKE_STARTS.remove(conn);
@@ -158,8 +164,13 @@ pub fn adopt_handshake_state(
     }
     // SAFETY: the entry's value, valid while the program runs (the caller removes it after).
     let starts = unsafe { HANDSHAKE_STARTS.get(conn) };
-    // SAFETY: the socket's value, valid while the program runs.
-    Some((unsafe { &mut *(state as *mut ConnState) }, starts))
+    Some(Adopted {
+        // SAFETY: the socket's value, valid while the program runs.
+        state: unsafe { &mut *(state as *mut ConnState) },
+        starts,
+        // The framed bytes run from the first to the next expected one.
+        rx_bytes: next.wrapping_sub(first),
+    })
 }
 
 /// Whether `sk` (a program context's socket, maybe null) is a listening socket.

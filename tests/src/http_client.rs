@@ -82,14 +82,7 @@ impl Connection {
         body: &[u8],
         close: bool,
     ) -> Result<Response, HttpError> {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: surge-test\r\nUser-Agent: surge-tests\r\n");
-        if !body.is_empty() || method == "POST" {
-            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        if close {
-            head.push_str("Connection: close\r\n");
-        }
-        head.push_str("\r\n");
+        let head = request_head(method, path, body, close);
         let stream = self.reader.get_mut();
         stream.write_all(head.as_bytes())?;
         stream.write_all(body)?;
@@ -167,4 +160,17 @@ impl Connection {
 pub fn get_text(addr: SocketAddr, path: &str) -> Result<(u16, String), HttpError> {
     let r = Connection::open(addr)?.request("GET", path, &[], true)?;
     Ok((r.status, String::from_utf8_lossy(&r.body).into_owned()))
+}
+
+/// The head `Connection::request` sends: what a server (and the agent) receives before the body.
+pub fn request_head(method: &str, path: &str, body: &[u8], close: bool) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: surge-test\r\nUser-Agent: surge-tests\r\n");
+    if !body.is_empty() || method == "POST" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    if close {
+        head.push_str("Connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    head
 }

@@ -13,7 +13,7 @@ use surge_tests::{
     harness::{
         deferred_accept_listener, free_port, require_root, scratch, Agent, ReservedPort, Sample, Scaler,
     },
-    http_client::{get_text, Connection},
+    http_client::{get_text, request_head, Connection},
     load::{run, LoadSpec},
 };
 
@@ -498,6 +498,9 @@ fn requests_whose_first_data_completes_the_handshake_are_counted_exactly() {
     let v = scaler.service("deferred");
     assert_eq!(count(&v, "requests_total"), total, "{v}");
     assert_eq!(count(&v, "responses_total"), total, "{v}");
+    // Every byte once, the first request's with the handshake too.
+    let request_len = request_head("GET", "/", b"", false).len() as u64;
+    assert_eq!(count(&v, "rx_bytes_total"), total * request_len, "{v}");
     assert_eq!(v["in_flight"], 0, "{v}");
     drop(open);
     scaler.wait_reports(3);
@@ -521,6 +524,7 @@ fn a_late_request_at_a_listening_socket_counts_nowhere_and_misleads_no_later_con
         .expect("a raw segment");
     let v = rig.settled();
     assert_eq!(count(&v, "requests_total"), 0, "{v}");
+    assert_eq!(count(&v, "rx_bytes_total"), 0, "{v}");
     assert_eq!(v["in_flight"], 0, "{v}");
 
     let n = 20;
@@ -531,6 +535,8 @@ fn a_late_request_at_a_listening_socket_counts_nowhere_and_misleads_no_later_con
     let v = rig.settled();
     assert_eq!(count(&v, "requests_total"), n, "{v}");
     assert_eq!(count(&v, "responses_total"), n, "{v}");
+    let request_len = request_head("GET", "/", b"", false).len() as u64;
+    assert_eq!(count(&v, "rx_bytes_total"), n * request_len, "{v}");
     assert_eq!(v["in_flight"], 0, "{v}");
     drop(c);
 }
