@@ -94,14 +94,12 @@ fn observe_on<const HANDSHAKE: bool>(ctx: &SkBuffContext, dir: Direction) -> Res
     if matches!(&state, Some(s) if s.flags & CONN_CLIENT != 0) {
         return Ok(());
     }
-    // A handshake's bytes are counted once it completes (see `adopt_handshake`).
-    if seg.payload_len > 0 && !HANDSHAKE {
-        match dir {
-            Direction::Ingress => counters::add_u64(&mut c.rx_bytes, seg.payload_len as u64),
-            Direction::Egress => counters::add_u64(&mut c.tx_bytes, seg.payload_len as u64),
-        }
-    }
     let Some(state) = state else {
+        // No state (its storage could not be allocated) to tell retransmitted bytes apart: the
+        // segment's bytes as they are. A handshake always has state.
+        if seg.payload_len > 0 && !HANDSHAKE {
+            add_bytes(c, dir, seg.payload_len as u64);
+        }
         return Ok(());
     };
     if seg.payload_len > 0 {
@@ -131,7 +129,7 @@ fn socket_of(ctx: &SkBuffContext) -> *mut bpf_sock {
 
 /// The connection `conn` is established on socket `sk` (sock_ops): what its handshake's last
 /// packet carried was framed on the listening socket; it becomes the socket's state, and the
-/// requests that started in it, and its bytes, are counted now.
+/// requests that started in it, its bytes and its TLS mark are counted now.
 #[inline(always)]
 pub fn adopt_handshake(
     sk: *mut bpf_sock,
@@ -143,12 +141,14 @@ pub fn adopt_handshake(
         state,
         starts,
         rx_bytes,
+        tls,
     }) = adopt_handshake_state(sk, conn, rcv_nxt)
     else {
         return;
     };
-    if rx_bytes > 0 {
-        counters::add_u64(&mut c.rx_bytes, rx_bytes as u64);
+    add_bytes(c, Direction::Ingress, rx_bytes as u64);
+    if tls {
+        counters::add_u64(&mut c.tls_connections, 1);
     }
     let Some(starts) = starts else {
         return;
@@ -200,29 +200,39 @@ fn on_payload<const HANDSHAKE: bool>(
     // The payload's first bytes are loaded only where they matter: a connection's first
     // payload (TLS?) and a lost stream (does a message start here?).
     let len32 = seg.payload_len as u32;
-    let (seen, expected) = match dir {
+    let (seen, expected, next) = match dir {
         Direction::Ingress => {
             if first_time(state, CONN_SEEN_PAYLOAD) {
                 let (prefix, len) = load_prefix(ctx, seg)?;
                 // A TLS record header: handshake (22), version 3.x.
                 if len >= 3 && prefix[0] == 0x16 && prefix[1] == 0x03 {
                     set_flag(state, CONN_TLS);
-                    counters::add_u64(&mut c.tls_connections, 1);
+                    // A handshake's connection counts once established (`adopt_handshake`).
+                    if !HANDSHAKE {
+                        counters::add_u64(&mut c.tls_connections, 1);
+                    }
                 }
                 state.next_seq_in = seg.seq;
                 state.first_seq_in = seg.seq;
             }
             let e = state.next_seq_in;
-            state.next_seq_in = advance(e, seg.seq, len32);
-            (true, e)
+            let next = advance(e, seg.seq, len32);
+            state.next_seq_in = next;
+            (true, e, next)
         }
         Direction::Egress => {
             let seen = !first_time(state, CONN_SEEN_EGRESS);
             let e = if seen { state.next_seq_out } else { seg.seq };
-            state.next_seq_out = advance(e, seg.seq, len32);
-            (seen, e)
+            let next = advance(e, seg.seq, len32);
+            state.next_seq_out = next;
+            (seen, e, next)
         }
     };
+    // The bytes this segment adds to the stream: a retransmission's count once. A handshake's
+    // count once it completes (`adopt_handshake`).
+    if !HANDSHAKE {
+        add_bytes(c, dir, next.wrapping_sub(expected) as u64);
+    }
     if state.flags & CONN_TLS != 0 {
         return Ok(());
     }
@@ -302,6 +312,18 @@ fn on_payload<const HANDSHAKE: bool>(
         }
     }
     Ok(())
+}
+
+/// Counts payload bytes received (ingress) or sent (egress) by the service.
+#[inline(always)]
+fn add_bytes(c: &mut ServiceCounters, dir: Direction, bytes: u64) {
+    if bytes == 0 {
+        return;
+    }
+    match dir {
+        Direction::Ingress => counters::add_u64(&mut c.rx_bytes, bytes),
+        Direction::Egress => counters::add_u64(&mut c.tx_bytes, bytes),
+    }
 }
 
 /// The sequence number after this segment, unless it is a retransmission of older bytes.

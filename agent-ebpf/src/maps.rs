@@ -10,7 +10,7 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use surge_common::{
     stream::{Cursor, Framer, Starts},
-    ConnKey, ConnState, EndpointKey, ServiceCounters, StreamKey, MAX_CGROUPS, MAX_ENDPOINTS,
+    ConnKey, ConnState, EndpointKey, ServiceCounters, StreamKey, CONN_TLS, MAX_CGROUPS, MAX_ENDPOINTS,
     MAX_HANDSHAKE_CONNECTIONS, MAX_SERVICES, MAX_SPILLED_STREAMS, NO_WATCH_GENERATION, WATCHED_PORT_WORDS,
 };
 
@@ -129,6 +129,8 @@ pub struct Adopted {
     pub starts: Option<&'static Starts>,
     /// How many payload bytes of the client's came with the handshake (retransmissions once).
     pub rx_bytes: u32,
+    /// Whether those bytes began a TLS handshake.
+    pub tls: bool,
 }
 
 /// The connection `conn` is established on socket `sk`, whose next expected client byte is
@@ -140,7 +142,7 @@ pub struct Adopted {
 pub fn adopt_handshake_state(sk: *mut bpf_sock, conn: &ConnKey, rcv_nxt: u32) -> Option<Adopted> {
     let p = HANDSHAKE_CONNS.get_ptr_mut(conn)?;
     // SAFETY: a pointer into the map's value for this connection.
-    let (first, next) = unsafe { ((*p).first_seq_in, (*p).next_seq_in) };
+    let (first, next, flags) = unsafe { ((*p).first_seq_in, (*p).next_seq_in, (*p).flags) };
     if sk.is_null() || first != rcv_nxt {
         let _ = HANDSHAKE_CONNS.remove(conn);
         let _ = HANDSHAKE_STARTS.remove(conn);
@@ -170,6 +172,7 @@ pub fn adopt_handshake_state(sk: *mut bpf_sock, conn: &ConnKey, rcv_nxt: u32) ->
         starts,
         // The framed bytes run from the first to the next expected one.
         rx_bytes: next.wrapping_sub(first),
+        tls: flags & CONN_TLS != 0,
     })
 }
 

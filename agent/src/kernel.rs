@@ -215,11 +215,13 @@ impl KernelProbe {
                 name: "WATCHED",
                 source,
             })?;
+        // Bumped as soon as WATCHED changed, whatever fails after.
+        self.next_generation()?;
         if !existed {
             *self.port_users.entry(key.port).or_insert(0) += 1;
             self.set_port_bit(key.port, true)?;
         }
-        self.next_generation()
+        Ok(())
     }
 
     /// Tells the kernel programs that the watch set changed.
@@ -238,13 +240,14 @@ impl KernelProbe {
     pub fn unwatch(&mut self, key: &EndpointKey) -> Result<(), KernelError> {
         match self.watched.remove(key) {
             Ok(()) => {
+                self.next_generation()?;
                 let users = self.port_users.entry(key.port).or_insert(1);
                 *users = users.saturating_sub(1);
                 if *users == 0 {
                     self.port_users.remove(&key.port);
                     self.set_port_bit(key.port, false)?;
                 }
-                self.next_generation()
+                Ok(())
             }
             Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(KernelError::Map {

@@ -105,7 +105,7 @@ impl Collector for ServiceCollector {
         family(
             &mut enc,
             "surge_service_received_bytes",
-            "TCP payload bytes received by the service.",
+            "TCP payload bytes received by the service (a retransmitted byte counts once).",
             MetricType::Counter,
             all.iter()
                 .map(|v| (svc(&v.name), ConstCounter::new(v.figures.rx_bytes_total))),
@@ -113,7 +113,7 @@ impl Collector for ServiceCollector {
         family(
             &mut enc,
             "surge_service_sent_bytes",
-            "TCP payload bytes sent by the service.",
+            "TCP payload bytes sent by the service (a retransmitted byte counts once).",
             MetricType::Counter,
             all.iter()
                 .map(|v| (svc(&v.name), ConstCounter::new(v.figures.tx_bytes_total))),

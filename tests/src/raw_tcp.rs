@@ -73,3 +73,56 @@ fn checksum(from: SocketAddrV4, to: SocketAddrV4, segment: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// The sequence number of the next byte `stream` will send, read in TCP repair mode (root).
+/// With everything sent acknowledged, the bytes just before it are the last ones sent: a
+/// segment that carries them again is a retransmission.
+pub fn next_send_seq(stream: &std::net::TcpStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    const TCP_REPAIR: libc::c_int = 19;
+    const TCP_REPAIR_QUEUE: libc::c_int = 20;
+    const TCP_QUEUE_SEQ: libc::c_int = 21;
+    const TCP_SEND_QUEUE: libc::c_int = 2;
+    let fd = stream.as_raw_fd();
+    let set = |option: libc::c_int, value: libc::c_int| {
+        // SAFETY: an int option on a descriptor `stream` keeps open.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                option,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    set(TCP_REPAIR, 1)?;
+    let read = (|| {
+        set(TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
+        let mut seq: u32 = 0;
+        let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+        // SAFETY: a u32 option read into `seq`, on a descriptor `stream` keeps open.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                TCP_QUEUE_SEQ,
+                &mut seq as *mut u32 as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(seq)
+        }
+    })();
+    // Out of repair mode whatever happened: the connection goes on as before.
+    set(TCP_REPAIR, 0)?;
+    read
+}

@@ -507,7 +507,53 @@ fn requests_whose_first_data_completes_the_handshake_are_counted_exactly() {
     let v = scaler.service("deferred");
     assert_eq!(v["in_flight"], 0, "{v}");
     assert_eq!(count(&v, "connections_closed_total"), connections as u64, "{v}");
+    // A TLS client's hello completes its handshake the same way: one TLS connection, its bytes.
+    let mut tls = TcpStream::connect(server).expect("connect");
+    tls.write_all(TLS_HELLO).expect("hello");
+    drop(tls);
+    let v = scaler.wait_for("deferred", "the TLS connection closed", |v| {
+        v["connections_closed_total"].as_u64() >= Some(connections as u64 + 1)
+    });
+    assert_eq!(count(&v, "tls_connections_total"), 1, "{v}");
+    assert_eq!(
+        count(&v, "rx_bytes_total"),
+        total * request_len + TLS_HELLO.len() as u64,
+        "{v}"
+    );
 }
+
+/// A request's segment that arrives again (a retransmission) adds neither a request nor its
+/// bytes: both count once.
+#[test]
+fn a_retransmitted_request_counts_once_with_its_bytes() {
+    let rig = Rig::start("retransmit");
+    let SocketAddr::V4(web) = rig.web.addr else {
+        panic!("the sample listens on IPv4")
+    };
+    let from = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, free_port());
+    let mut c = Connection::open_from(from.into(), rig.web.addr).expect("connect");
+    let head = request_head("GET", "/", b"", false);
+    let ask = |c: &mut Connection, n: usize| {
+        for _ in 0..n {
+            assert_eq!(c.request("GET", "/", b"", false).expect("answered").status, 200);
+        }
+    };
+    ask(&mut c, 5);
+    // The fifth request was answered, so all of it was received: send it again.
+    let next = surge_tests::raw_tcp::next_send_seq(&c.writer().expect("socket")).expect("repair mode");
+    surge_tests::raw_tcp::send_segment(from, web, next.wrapping_sub(head.len() as u32), head.as_bytes())
+        .expect("a raw segment");
+    ask(&mut c, 5);
+    drop(c);
+    let v = rig.settled();
+    assert_eq!(count(&v, "requests_total"), 10, "{v}");
+    assert_eq!(count(&v, "responses_total"), 10, "{v}");
+    assert_eq!(count(&v, "rx_bytes_total"), 10 * head.len() as u64, "{v}");
+    assert_eq!(v["in_flight"], 0, "{v}");
+}
+
+/// A ClientHello's first bytes: a handshake record, TLS 1.0 record version, ClientHello.
+const TLS_HELLO: &[u8] = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03surge-fake-random-bytes-0123456789";
 
 /// A request that reaches a listening socket with no connection and no handshake to complete
 /// (as a client's late request does after the server reset its connection away) is refused by
@@ -522,9 +568,13 @@ fn a_late_request_at_a_listening_socket_counts_nowhere_and_misleads_no_later_con
     let from = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, free_port());
     surge_tests::raw_tcp::send_segment(from, web, 0x5eed_0001, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         .expect("a raw segment");
+    // And a TLS hello's first bytes from another port: no TLS connection either.
+    let from_tls = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, free_port());
+    surge_tests::raw_tcp::send_segment(from_tls, web, 0x5eed_0002, TLS_HELLO).expect("a raw segment");
     let v = rig.settled();
     assert_eq!(count(&v, "requests_total"), 0, "{v}");
     assert_eq!(count(&v, "rx_bytes_total"), 0, "{v}");
+    assert_eq!(count(&v, "tls_connections_total"), 0, "{v}");
     assert_eq!(v["in_flight"], 0, "{v}");
 
     let n = 20;

@@ -168,9 +168,9 @@ pub struct ServiceCounters {
     pub latency_sum_ns: u64,
     /// Latency histogram in the buckets of [`crate::latency`].
     pub latency_buckets: [u64; LATENCY_BUCKETS],
-    /// TCP payload bytes received by the service.
+    /// TCP payload bytes received by the service; a retransmitted byte counts once.
     pub rx_bytes: u64,
-    /// TCP payload bytes sent by the service.
+    /// TCP payload bytes sent by the service; a retransmitted byte counts once.
     pub tx_bytes: u64,
     /// Nanoseconds on CPU of the tasks in the service's cgroups (sched_switch).
     pub cpu_ns: u64,
