@@ -135,9 +135,9 @@ pub struct Adopted {
 
 /// The connection `conn` is established on socket `sk`, whose next expected client byte is
 /// `rcv_nxt`: what was framed of it during its handshake becomes the socket's state, returned
-/// with the requests that started then and the bytes it carried. Entries of an earlier connection on the same 4-tuple
-/// (a segment that reached the listening socket with no handshake to complete) start elsewhere
-/// in the sequence space: they go, unused.
+/// with the requests that started then and the bytes it carried. Entries of an earlier
+/// connection on the same 4-tuple (a segment that reached the listening socket with no
+/// handshake to complete) start elsewhere in the sequence space: they go, unused.
 #[inline(always)]
 pub fn adopt_handshake_state(sk: *mut bpf_sock, conn: &ConnKey, rcv_nxt: u32) -> Option<Adopted> {
     let p = HANDSHAKE_CONNS.get_ptr_mut(conn)?;

@@ -57,6 +57,11 @@ pub enum KernelError {
     },
 }
 
+/// The watch set's first generation, and the one after wrapping: never `NO_WATCH_GENERATION`,
+/// which no cached service carries.
+const FIRST_WATCH_GENERATION: u32 = 1;
+const _: () = assert!(FIRST_WATCH_GENERATION != surge_common::NO_WATCH_GENERATION);
+
 /// The loaded and attached programs and the maps the agent uses. Dropping it detaches all.
 pub struct KernelProbe {
     // Keeps the programs and their links alive.
@@ -112,13 +117,14 @@ impl KernelProbe {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
-        // Connections cache their endpoint's service while the watch set keeps its generation;
-        // generation 0 is "never cached".
+        // Connections cache their endpoint's service while the watch set keeps its generation.
         let mut watch_generation: Array<MapData, u32> = take_map(&mut ebpf, "WATCH_GENERATION")?;
-        watch_generation.set(0, 1, 0).map_err(|source| KernelError::Map {
-            name: "WATCH_GENERATION",
-            source,
-        })?;
+        watch_generation
+            .set(0, FIRST_WATCH_GENERATION, 0)
+            .map_err(|source| KernelError::Map {
+                name: "WATCH_GENERATION",
+                source,
+            })?;
         let cgroup = File::open(cgroup_root).map_err(|source| KernelError::Cgroup {
             path: cgroup_root.display().to_string(),
             source,
@@ -173,7 +179,7 @@ impl KernelProbe {
             _ebpf: ebpf,
             _handshake_program: handshake_program,
             watch_generation,
-            generation: 1,
+            generation: FIRST_WATCH_GENERATION,
             watched,
             ports,
             port_users: std::collections::HashMap::new(),
@@ -226,8 +232,7 @@ impl KernelProbe {
 
     /// Tells the kernel programs that the watch set changed.
     fn next_generation(&mut self) -> Result<(), KernelError> {
-        // Never 0, "never cached", on wrapping.
-        self.generation = self.generation.checked_add(1).unwrap_or(1);
+        self.generation = self.generation.checked_add(1).unwrap_or(FIRST_WATCH_GENERATION);
         self.watch_generation
             .set(0, self.generation, 0)
             .map_err(|source| KernelError::Map {
