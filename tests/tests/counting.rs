@@ -527,10 +527,8 @@ fn requests_whose_first_data_completes_the_handshake_are_counted_exactly() {
 #[test]
 fn a_retransmitted_request_counts_once_with_its_bytes() {
     let rig = Rig::start("retransmit");
-    let SocketAddr::V4(web) = rig.web.addr else {
-        panic!("the sample listens on IPv4")
-    };
-    let from = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, free_port());
+    let web = ipv4(rig.web.addr);
+    let from = unused_loopback_port();
     let mut c = Connection::open_from(from.into(), rig.web.addr).expect("connect");
     let head = request_head("GET", "/", b"", false);
     let ask = |c: &mut Connection, n: usize| {
@@ -552,6 +550,19 @@ fn a_retransmitted_request_counts_once_with_its_bytes() {
     assert_eq!(v["in_flight"], 0, "{v}");
 }
 
+/// The sample's address, which is IPv4 (raw segments are sent over IPv4).
+fn ipv4(addr: SocketAddr) -> std::net::SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => panic!("the sample listens on IPv4"),
+    }
+}
+
+/// A loopback address whose port no socket has: a raw segment's source.
+fn unused_loopback_port() -> std::net::SocketAddrV4 {
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, free_port())
+}
+
 /// A ClientHello's first bytes: a handshake record, TLS 1.0 record version, ClientHello.
 const TLS_HELLO: &[u8] = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03surge-fake-random-bytes-0123456789";
 
@@ -562,14 +573,12 @@ const TLS_HELLO: &[u8] = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03surge-fak
 #[test]
 fn a_late_request_at_a_listening_socket_counts_nowhere_and_misleads_no_later_connection() {
     let rig = Rig::start("stray");
-    let SocketAddr::V4(web) = rig.web.addr else {
-        panic!("the sample listens on IPv4")
-    };
-    let from = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, free_port());
+    let web = ipv4(rig.web.addr);
+    let from = unused_loopback_port();
     surge_tests::raw_tcp::send_segment(from, web, 0x5eed_0001, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         .expect("a raw segment");
     // And a TLS hello's first bytes from another port: no TLS connection either.
-    let from_tls = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, free_port());
+    let from_tls = unused_loopback_port();
     surge_tests::raw_tcp::send_segment(from_tls, web, 0x5eed_0002, TLS_HELLO).expect("a raw segment");
     let v = rig.settled();
     assert_eq!(count(&v, "requests_total"), 0, "{v}");
